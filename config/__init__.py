@@ -1,0 +1,1 @@
+"""Settings and logging set-up shared by the gateway and the workers."""

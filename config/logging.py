@@ -1,0 +1,86 @@
+"""Log lines as a stable event key followed by key=value fields.
+
+Every line written while a delivery is being handled carries its delivery id and,
+inside a worker, the Celery task id: both are bound once in context variables.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+delivery_id_var: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "delivery_id", default="-"
+)
+task_id_var: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "task_id", default="-"
+)
+
+# Attributes every LogRecord has; anything else came in through `extra=`.
+_RECORD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "delivery_id",
+    "task_id",
+}
+
+
+class ContextFilter(logging.Filter):
+    """Stamp each record with the delivery and task ids bound for this context."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.delivery_id = delivery_id_var.get()
+        record.task_id = task_id_var.get()
+        return True
+
+
+class KeyValueFormatter(logging.Formatter):
+    """Format `event key=value ...`, the ids first, then the `extra=` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {
+            key: value
+            for key, value in vars(record).items()
+            if key not in _RECORD_ATTRS and not key.startswith("_")
+        }
+        parts = [
+            self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            record.levelname,
+            record.name,
+            record.getMessage(),
+            f"delivery={getattr(record, 'delivery_id', '-')}",
+        ]
+        task_id = getattr(record, "task_id", "-")
+        if task_id != "-":
+            parts.append(f"task={task_id}")
+        parts.extend(f"{key}={value!r}" for key, value in fields.items())
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(level: str = "INFO") -> None:
+    """Send every logger's lines to stderr in Hookline's format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(ContextFilter())
+    handler.setFormatter(KeyValueFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+@contextmanager
+def bound_delivery(delivery_id: str, task_id: str | None = None) -> Iterator[None]:
+    """Bind a delivery id (and task id) to every log line inside the block."""
+    delivery_token = delivery_id_var.set(delivery_id)
+    task_token = task_id_var.set(task_id) if task_id else None
+    try:
+        yield
+    finally:
+        delivery_id_var.reset(delivery_token)
+        if task_token is not None:
+            task_id_var.reset(task_token)

@@ -1,0 +1,126 @@
+"""Hookline's settings: defaults in code, then a test mapping, then the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+DEFAULT_DATABASE_URL = "sqlite:///hookline.sqlite3"
+
+
+class ConfigError(RuntimeError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+def _flag(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be true or false, not {raw!r}.")
+
+
+def _number(name: str, raw: str, kind: type[int] | type[float]) -> int | float:
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, not {raw!r}.") from None
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative.")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob Hookline reads, named as the environment variable that sets it."""
+
+    GITHUB_APP_WEBHOOK_SECRET: str = ""
+    GITHUB_WEBHOOKS_ENABLED: bool = True
+    GITHUB_APP_ID: str = ""
+    GITHUB_APP_PRIVATE_KEY_PATH: str = ""
+    GITHUB_APP_PRIVATE_KEY: str = ""
+    GITHUB_API_URL: str = "https://api.github.com"
+    REDIS_URL: str = "redis://127.0.0.1:6379/0"
+    CELERY_BROKER_URL: str = ""
+    DATABASE_URL: str = DEFAULT_DATABASE_URL
+    OH_LABEL: str = "openhands"
+    INLINE_OH_LABEL: str = "@openhands"
+    HOOKLINE_AGENT_COMMAND: str = ""
+    HOOKLINE_AGENT_TIMEOUT: float = 900.0
+    HOOKLINE_TEMPLATES_DIR: str = ""
+    HOOKLINE_MAX_BODY_BYTES: int = 25 * 1024 * 1024
+    HOOKLINE_DELIVERY_TTL: int = 3 * 24 * 3600
+    HOOKLINE_BODY_TTL: int = 60
+    HOOKLINE_GITHUB_TIMEOUT: float = 10.0
+    HOOKLINE_RETRY_BASE: float = 1.0
+    HOOKLINE_RETRY_MAX_DELAY: float = 300.0
+    HOOKLINE_MAX_RETRIES: int = 8
+    HOOKLINE_LEASE_SECONDS: int = 60
+    CELERY_VISIBILITY_TIMEOUT: int = 1800
+    LOG_LEVEL: str = "INFO"
+
+    @property
+    def broker_url(self) -> str:
+        """Return the Celery broker, which defaults to the Redis that Hookline uses."""
+        return self.CELERY_BROKER_URL or self.REDIS_URL
+
+    @property
+    def bot_handle(self) -> str:
+        """Return the mention that asks for a job, with its leading @."""
+        handle = self.INLINE_OH_LABEL.strip()
+        return handle if handle.startswith("@") else f"@{handle}"
+
+    def require_webhook_secret(self) -> bytes:
+        """Return the webhook secret, or refuse to go on without one."""
+        if not self.GITHUB_APP_WEBHOOK_SECRET:
+            raise ConfigError(
+                "GITHUB_APP_WEBHOOK_SECRET is not set: the gateway cannot verify "
+                "GitHub's signatures without the App's webhook secret."
+            )
+        return self.GITHUB_APP_WEBHOOK_SECRET.encode()
+
+    def require_app_credentials(self) -> tuple[str, str]:
+        """Return the App id and private key PEM, or say which variable is missing."""
+        if not self.GITHUB_APP_ID:
+            raise ConfigError(
+                "GITHUB_APP_ID is not set: workers need the GitHub App's id to mint "
+                "installation tokens."
+            )
+        if self.GITHUB_APP_PRIVATE_KEY:
+            return self.GITHUB_APP_ID, self.GITHUB_APP_PRIVATE_KEY
+        if not self.GITHUB_APP_PRIVATE_KEY_PATH:
+            raise ConfigError(
+                "GITHUB_APP_PRIVATE_KEY_PATH (or GITHUB_APP_PRIVATE_KEY) is not set: "
+                "workers need the App's private key to sign its JWT."
+            )
+        path = Path(self.GITHUB_APP_PRIVATE_KEY_PATH)
+        try:
+            return self.GITHUB_APP_ID, path.read_text()
+        except OSError as exc:
+            raise ConfigError(
+                f"GITHUB_APP_PRIVATE_KEY_PATH={path} cannot be read: {exc.strerror}."
+            ) from None
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Settings:
+    """Build settings from defaults, then `overrides`, then the environment."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, object] = dict(overrides or {})
+    for field in fields(Settings):
+        raw = environ.get(field.name)
+        if raw is None or raw == "":
+            continue
+        if field.type == "bool":
+            values[field.name] = _flag(field.name, raw)
+        elif field.type in {"int", "float"}:
+            kind = int if field.type == "int" else float
+            values[field.name] = _number(field.name, raw, kind)
+        else:
+            values[field.name] = raw
+    return Settings(**values)  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""Hookline's domain pieces shared by the pools: GitHub, storage, agent runtime."""

@@ -1,0 +1,276 @@
+"""Run the whole pipeline on recorded GitHub deliveries and show what came back.
+
+Starts a loopback fake of GitHub's API, runs the Procfile's release step, then its
+gateway and worker pools under honcho, sends every delivery in
+examples/deliveries/ signed as GitHub would, and prints for each one what Hookline
+did: ignored and why, or the reaction and the comment it posted. Exits 1 if any
+delivery did not get the outcome examples/deliveries/INDEX.json expects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+import requests
+from sqlalchemy import select
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
+
+from hookline.db import session_scope
+from hookline.devtools import free_port, generate_app_key, send_delivery
+from hookline.fake_github import FakeGitHub
+from hookline.models import Callback, CallbackStatus, Conversation, Delivery
+
+ROOT = Path(__file__).resolve().parent.parent
+POOLS = ["web", "classify", "conversations", "agent", "callbacks"]
+DEMO_REDIS_URL = "redis://127.0.0.1:6379/13"
+DEMO_APP_ID = "424242"
+
+
+@dataclass
+class Sent:
+    """One recorded delivery as the demo sent it, and what it expects."""
+
+    file: str
+    event: str
+    expect: str
+    delivery_id: str
+    status: int = 0
+    outcome: list[str] = field(default_factory=list)
+    ok: bool = False
+
+
+def _procfile_command(name: str) -> str:
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        process, _, command = line.partition(":")
+        if process.strip() == name:
+            return command.strip()
+    raise SystemExit(f"The Procfile has no {name!r} process.")
+
+
+def _check_redis(url: str) -> redis.Redis:
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError:
+        raise SystemExit(
+            f"Redis is not answering at {url}; start it (redis-server) or point "
+            "REDIS_URL at one, then run the demo again."
+        ) from None
+    return client
+
+
+def _wait_for_gateway(url: str) -> None:
+    for attempt in Retrying(
+        stop=stop_after_delay(30),
+        wait=wait_fixed(0.2),
+        retry=retry_if_exception_type(requests.ConnectionError),
+        reraise=True,
+    ):
+        with attempt:
+            requests.get(url + "/", timeout=2)
+
+
+def _outcome_of(sent: Sent, database_url: str, fake: FakeGitHub) -> bool:
+    """Fill in what happened to a delivery; return True once it is settled."""
+    if sent.event == "ping" or sent.status >= 300:
+        sent.outcome = [f"answered {sent.status}, nothing queued"]
+        return True
+    with session_scope(database_url) as session:
+        delivery = session.scalars(
+            select(Delivery).where(Delivery.delivery_id == sent.delivery_id)
+        ).one_or_none()
+        if delivery is None:
+            return False
+        sent.outcome = [f"{delivery.verdict}: {delivery.reason}"]
+        if delivery.verdict != "job":
+            return True
+        conversation = session.scalars(
+            select(Conversation).where(Conversation.delivery_id == sent.delivery_id)
+        ).one_or_none()
+        if conversation is None:
+            return False
+        callback = session.scalars(
+            select(Callback).where(Callback.conversation_id == conversation.id)
+        ).one_or_none()
+        if callback is None or callback.status == CallbackStatus.PENDING:
+            return False
+        reactions = [
+            r for r in fake.reactions() if r["path"] == conversation.reaction_path
+        ]
+        for reaction in reactions:
+            sent.outcome.append(
+                f"reaction {reaction['content']!r} on {reaction['path']}"
+            )
+        comments = [c for c in fake.comments() if c["id"] == callback.github_comment_id]
+        if callback.status != CallbackStatus.POSTED or not comments:
+            sent.outcome.append(f"callback {callback.status}: {callback.last_error}")
+            return True
+        sent.outcome.append(f"comment posted at {comments[0]['path']}:")
+        sent.outcome.append(
+            textwrap.indent(comments[0]["body"].strip(), "  | ", lambda _: True)
+        )
+        return True
+
+
+def _expected(sent: Sent) -> bool:
+    verdict = sent.outcome[0] if sent.outcome else ""
+    if sent.expect.startswith("job"):
+        return verdict.startswith("job") and any(
+            line.startswith("comment posted") for line in sent.outcome
+        )
+    if sent.expect.startswith("ignored"):
+        return verdict.startswith("ignored")
+    return sent.status == 200 and verdict.startswith("answered")
+
+
+def run(deliveries: Path, timeout: float) -> int:
+    """Run the demo; return the process exit code."""
+    redis_url = os.environ.get("REDIS_URL", DEMO_REDIS_URL)
+    _check_redis(redis_url).flushdb()
+
+    workdir = ROOT / "var" / "demo"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    key_path, public_key = generate_app_key(workdir)
+    database_url = os.environ.get(
+        "DATABASE_URL", f"sqlite:///{workdir / 'hookline.sqlite3'}"
+    )
+    secret = secrets.token_hex(20)
+    port = free_port()
+    fake = FakeGitHub(app_id=DEMO_APP_ID, public_key_pem=public_key).start()
+    env = {
+        **os.environ,
+        "GITHUB_APP_WEBHOOK_SECRET": secret,
+        "GITHUB_APP_ID": DEMO_APP_ID,
+        "GITHUB_APP_PRIVATE_KEY_PATH": str(key_path),
+        "GITHUB_API_URL": fake.url,
+        "REDIS_URL": redis_url,
+        "CELERY_BROKER_URL": redis_url,
+        "DATABASE_URL": database_url,
+        "WEB_HOST": "127.0.0.1",
+        "PYTHONUNBUFFERED": "1",
+        # The Procfile names bare commands (alembic, gunicorn, celery): this venv's.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    print(f"fake GitHub API: {fake.url}   database: {database_url}")
+    print(f"logs of every process: {workdir / 'processes.log'}\n")
+
+    release = _procfile_command("release")
+    subprocess.run(release, shell=True, cwd=ROOT, env=env, check=True)  # noqa: S602
+    honcho = Path(sys.executable).with_name("honcho")
+    log_file = (workdir / "processes.log").open("w")
+    processes = subprocess.Popen(
+        [str(honcho), "-f", "Procfile", "start", "-p", str(port), *POOLS],
+        cwd=ROOT,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    gateway = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            _wait_for_gateway(gateway)
+        except requests.ConnectionError:
+            log_file.flush()
+            tail = (workdir / "processes.log").read_text().splitlines()[-30:]
+            print("The gateway did not start; the last lines of its log:")
+            print("\n".join(tail))
+            return 1
+        return _send_all(gateway, secret, deliveries, database_url, fake, timeout)
+    finally:
+        os.killpg(processes.pid, signal.SIGTERM)
+        try:
+            processes.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(processes.pid, signal.SIGKILL)
+        fake.stop()
+        log_file.close()
+
+
+def _send_all(
+    gateway: str,
+    secret: str,
+    deliveries: Path,
+    database_url: str,
+    fake: FakeGitHub,
+    timeout: float,
+) -> int:
+    index = json.loads((deliveries / "INDEX.json").read_text())
+    sent: list[Sent] = []
+    for entry in index:
+        item = Sent(entry["file"], entry["event"], entry["expect"], str(uuid.uuid4()))
+        body = (deliveries / item.file).read_bytes()
+        response = send_delivery(gateway, secret, item.event, body, item.delivery_id)
+        item.status = response.status_code
+        sent.append(item)
+    replay = _replay_checks(gateway, secret, deliveries, sent[0])
+
+    deadline = time.monotonic() + timeout
+    pending = list(sent)
+    while pending and time.monotonic() < deadline:
+        pending = [
+            item for item in pending if not _outcome_of(item, database_url, fake)
+        ]
+        time.sleep(0.2)
+
+    failures = 0
+    for item in sent:
+        item.ok = item not in pending and _expected(item)
+        failures += not item.ok
+        mark = "ok  " if item.ok else "FAIL"
+        print(f"{mark} {item.file}  (X-GitHub-Event: {item.event}, HTTP {item.status})")
+        print(f"     expected  {item.expect}")
+        for line in item.outcome or ["no outcome recorded in time"]:
+            print(textwrap.indent(line, "     "))
+        print()
+    for line in replay:
+        print(line)
+    comments, reactions = fake.comments(), fake.reactions()
+    print(
+        f"\n{len(sent) - failures}/{len(sent)} deliveries got the expected outcome; "
+        f"fake GitHub received {len(comments)} comments and {len(reactions)} reactions."
+    )
+    return 1 if failures else 0
+
+
+def _replay_checks(
+    gateway: str, secret: str, deliveries: Path, first: Sent
+) -> list[str]:
+    body = (deliveries / first.file).read_bytes()
+    again = send_delivery(gateway, secret, first.event, body, first.delivery_id)
+    forged = send_delivery(gateway, "not-the-secret", first.event, body)
+    return [
+        f"replayed {first.file} with its delivery id: HTTP {again.status_code} "
+        f"{again.json().get('status')}",
+        f"sent {first.file} signed with a wrong secret: HTTP {forged.status_code} "
+        f"{forged.json().get('reason')}",
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments and run the demo."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--deliveries", type=Path, default=ROOT / "examples" / "deliveries"
+    )
+    parser.add_argument("--timeout", type=float, default=90.0)
+    args = parser.parse_args(argv)
+    sys.exit(run(args.deliveries, args.timeout))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""GitHub's REST API as Hookline uses it: App authentication and a few calls.
+
+Every call has a timeout. Failures are sorted into those worth retrying later
+(network, 5xx, 429, rate-limit 403) and those that will fail the same way again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import jwt
+import redis
+import requests
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "2022-11-28"
+TOKEN_KEY = "hookline:installation-token:{}"  # noqa: S105 (a key name)
+# Mint a new installation token this long before GitHub's one-hour expiry.
+TOKEN_MARGIN_SECONDS = 300
+
+
+class GitHubError(Exception):
+    """A GitHub call failed; `status` is 0 when no response came back."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class TransientGitHubError(GitHubError):
+    """Worth trying again, no sooner than `retry_after` seconds if GitHub said so."""
+
+    def __init__(
+        self, message: str, status: int = 0, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status)
+        self.retry_after = retry_after
+
+
+class PermanentGitHubError(GitHubError):
+    """GitHub refused the request; sending it again would get the same answer."""
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    header = response.headers.get("Retry-After")
+    if header and header.strip().isdigit():
+        return float(header)
+    reset = response.headers.get("X-RateLimit-Reset")
+    if response.headers.get("X-RateLimit-Remaining") == "0" and reset:
+        try:
+            return max(0.0, float(reset) - time.time())
+        except ValueError:
+            return None
+    return None
+
+
+def _is_rate_limited(response: requests.Response) -> bool:
+    if response.headers.get("X-RateLimit-Remaining") == "0":
+        return True
+    # GitHub's secondary limits come as 403 with this phrase in the message.
+    return "secondary rate limit" in response.text.lower()
+
+
+def check_response(response: requests.Response) -> requests.Response:
+    """Return a successful response, or raise the error its status stands for."""
+    status = response.status_code
+    if status < 400:
+        return response
+    summary = f"{response.request.method} {_path(response.url)} answered {status}"
+    if status == 429 or status >= 500 or (status == 403 and _is_rate_limited(response)):
+        raise TransientGitHubError(summary, status, _retry_after(response))
+    raise PermanentGitHubError(summary, status)
+
+
+def _path(url: str) -> str:
+    return "/" + url.split("://", 1)[-1].split("/", 1)[-1].split("?", 1)[0]
+
+
+@dataclass(frozen=True)
+class GitHubApp:
+    """The App's identity: it signs JWTs and mints installation tokens."""
+
+    api_url: str
+    app_id: str
+    private_key: str
+    timeout: float
+    session: requests.Session
+
+    def jwt(self) -> str:
+        """Return a short-lived RS256 JWT that authenticates as the App."""
+        now = int(time.time())
+        # Backdated a minute because GitHub rejects a JWT issued "in the future"
+        # when clocks drift; GitHub allows ten minutes at most.
+        claims = {"iat": now - 60, "exp": now + 540, "iss": self.app_id}
+        return jwt.encode(claims, self.private_key, algorithm="RS256")
+
+    def mint_installation_token(self, installation_id: int) -> tuple[str, float]:
+        """Ask GitHub for an installation token; return it and its lifetime in s."""
+        url = f"{self.api_url}/app/installations/{installation_id}/access_tokens"
+        response = _send(
+            self.session,
+            "POST",
+            url,
+            self.timeout,
+            headers={"Authorization": f"Bearer {self.jwt()}"},
+        )
+        body = response.json()
+        expires_at = datetime.fromisoformat(body["expires_at"].replace("Z", "+00:00"))
+        return body["token"], expires_at.timestamp() - time.time()
+
+    def installation_token(self, installation_id: int, cache: redis.Redis) -> str:
+        """Return a cached installation token, minting one when none is fresh."""
+        key = TOKEN_KEY.format(installation_id)
+        cached = cache.get(key)
+        if cached:
+            return cached.decode()
+        token, lifetime = self.mint_installation_token(installation_id)
+        ttl = int(lifetime - TOKEN_MARGIN_SECONDS)
+        if ttl > 0:
+            cache.set(key, token, ex=ttl)
+        log.info("github.token_minted", extra={"installation": installation_id})
+        return token
+
+
+def _send(
+    session: requests.Session,
+    method: str,
+    url: str,
+    timeout: float,
+    **kwargs: Any,
+) -> requests.Response:
+    headers = {
+        "Accept": "application/vnd.github+json",
+        "X-GitHub-Api-Version": API_VERSION,
+        "User-Agent": "hookline",
+        **kwargs.pop("headers", {}),
+    }
+    try:
+        response = session.request(
+            method, url, headers=headers, timeout=timeout, **kwargs
+        )
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise TransientGitHubError(
+            f"{method} {_path(url)} failed: {type(exc).__name__}"
+        ) from exc
+    log.debug(
+        "github.call",
+        extra={"method": method, "path": _path(url), "status": response.status_code},
+    )
+    return check_response(response)
+
+
+class GitHubClient:
+    """Calls made as one installation, with its token."""
+
+    def __init__(
+        self, api_url: str, token: str, timeout: float, session: requests.Session
+    ) -> None:
+        self._api_url = api_url.rstrip("/")
+        self._token = token
+        self._timeout = timeout
+        self._session = session
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = _send(
+            self._session,
+            method,
+            self._api_url + path,
+            self._timeout,
+            headers={"Authorization": f"token {self._token}"},
+            **kwargs,
+        )
+        return response.json() if response.content else None
+
+    def permission(self, repository: str, login: str) -> str:
+        """Return `login`'s permission on `repository`: admin, maintain, write, …"""
+        path = f"/repos/{repository}/collaborators/{login}/permission"
+        return self._call("GET", path)["permission"]
+
+    def issue(self, repository: str, number: int) -> dict:
+        """Return an issue or pull request seen as an issue."""
+        return self._call("GET", f"/repos/{repository}/issues/{number}")
+
+    def issue_comments(self, repository: str, number: int, limit: int = 100) -> list:
+        """Return up to `limit` of the oldest comments on an issue or pull request."""
+        path = f"/repos/{repository}/issues/{number}/comments"
+        return self._call("GET", path, params={"per_page": min(limit, 100)})[:limit]
+
+    def pull_request(self, repository: str, number: int) -> dict:
+        """Return a pull request, with its head branch."""
+        return self._call("GET", f"/repos/{repository}/pulls/{number}")
+
+    def add_reaction(self, reaction_path: str, content: str) -> None:
+        """React to the issue or comment whose reactions live at `reaction_path`."""
+        # GitHub answers 200 instead of 201 when the reaction is already there.
+        self._call("POST", reaction_path, json={"content": content})
+
+    def create_comment(self, path: str, body: str) -> dict:
+        """Post a comment, or a reply in a review thread, at `path`."""
+        return self._call("POST", path, json={"body": body})

@@ -1,0 +1,88 @@
+"""What every task needs once per worker process: settings, clients, retry policy."""
+
+from __future__ import annotations
+
+import logging
+import random
+from functools import cache
+
+import redis
+import requests
+from celery import Task
+
+from config.settings import Settings, load_settings
+from hookline.github import GitHubApp, GitHubClient, TransientGitHubError
+
+log = logging.getLogger(__name__)
+
+
+@cache
+def settings() -> Settings:
+    """Return this worker's settings, read once from the environment."""
+    return load_settings()
+
+
+@cache
+def redis_client() -> redis.Redis:
+    """Return this worker's Redis client (installation tokens live there)."""
+    return redis.Redis.from_url(
+        settings().REDIS_URL, socket_timeout=5, socket_connect_timeout=5
+    )
+
+
+@cache
+def http_session() -> requests.Session:
+    """Return this worker's HTTP session, keeping connections to GitHub alive."""
+    return requests.Session()
+
+
+@cache
+def github_app() -> GitHubApp:
+    """Return the App identity; fails with the missing variable's name."""
+    app_id, private_key = settings().require_app_credentials()
+    return GitHubApp(
+        api_url=settings().GITHUB_API_URL.rstrip("/"),
+        app_id=app_id,
+        private_key=private_key,
+        timeout=settings().HOOKLINE_GITHUB_TIMEOUT,
+        session=http_session(),
+    )
+
+
+def installation_client(installation_id: int) -> GitHubClient:
+    """Return a client acting as one installation of the App."""
+    token = github_app().installation_token(installation_id, redis_client())
+    return GitHubClient(
+        settings().GITHUB_API_URL,
+        token,
+        settings().HOOKLINE_GITHUB_TIMEOUT,
+        http_session(),
+    )
+
+
+def retry_delay(retries: int, retry_after: float | None, config: Settings) -> float:
+    """Return the wait before retry number `retries` + 1: doubling, jittered, capped."""
+    base = config.HOOKLINE_RETRY_BASE
+    delay = base * 2**retries + random.uniform(0, base)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return min(delay, config.HOOKLINE_RETRY_MAX_DELAY)
+
+
+def retry_later(task: Task, exc: TransientGitHubError) -> None:
+    """Schedule `task` again after a backoff, or return once its retries are spent."""
+    config = settings()
+    retries = task.request.retries
+    if retries >= config.HOOKLINE_MAX_RETRIES:
+        return
+    countdown = retry_delay(retries, exc.retry_after, config)
+    log.warning(
+        "task.retrying",
+        extra={
+            "task_name": task.name,
+            "error": str(exc),
+            "attempt": retries + 1,
+            "countdown": round(countdown, 2),
+        },
+    )
+    raise task.retry(exc=exc, countdown=countdown, max_retries=None)

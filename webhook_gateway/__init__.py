@@ -1,0 +1,1 @@
+"""The HTTP edge that receives GitHub's webhook deliveries."""

@@ -1,0 +1,175 @@
+"""The HTTP edge: verify a GitHub delivery, drop replays, queue it, answer at once.
+
+Nothing here calls GitHub or the database; the classification pool does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from urllib.parse import parse_qs
+
+import redis
+from celery import Celery
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+
+from config.logging import bound_delivery
+from config.settings import Settings, load_settings
+from webhook_gateway.dedup import claim_delivery
+from webhook_gateway.signature import is_valid_signature
+from workers.celery_app import CLASSIFY_TASK, create_celery
+
+log = logging.getLogger(__name__)
+
+EVENTS_PATH = "/integration/github/events"
+_EVENT_NAME = re.compile(r"[a-z_]{1,64}")
+_DELIVERY_ID = re.compile(r"[A-Za-z0-9-]{1,72}")
+
+bp = Blueprint("github_events", __name__)
+
+
+@dataclass
+class Gateway:
+    """What one gateway process holds for its whole life: connections and settings."""
+
+    settings: Settings
+    secret: bytes
+    redis: redis.Redis
+    celery: Celery
+
+
+def _gateway() -> Gateway:
+    return current_app.extensions["hookline"]
+
+
+def _refuse(status: int, reason: str, message: str) -> tuple[Response, int]:
+    log.warning("delivery.rejected", extra={"reason": reason, "status": status})
+    return jsonify(reason=reason, message=message), status
+
+
+def _parse_payload(raw: bytes, content_type: str) -> dict | None:
+    """Return the JSON object of a JSON or form-encoded delivery, or None."""
+    if content_type == "application/x-www-form-urlencoded":
+        fields = parse_qs(raw.decode("ascii"), strict_parsing=True)
+        raw = fields["payload"][0].encode()
+    payload = json.loads(raw)
+    return payload if isinstance(payload, dict) else None
+
+
+@bp.post(EVENTS_PATH)
+def receive_delivery() -> tuple[Response, int]:
+    """Accept one GitHub webhook delivery."""
+    gateway = _gateway()
+    delivery_id = request.headers.get("X-GitHub-Delivery", "")
+    bound_id = delivery_id if _DELIVERY_ID.fullmatch(delivery_id) else "-"
+    with bound_delivery(bound_id):
+        return _receive(gateway, delivery_id)
+
+
+def _receive(gateway: Gateway, delivery_id: str) -> tuple[Response, int]:
+    if not gateway.settings.GITHUB_WEBHOOKS_ENABLED:
+        return _refuse(
+            503,
+            "webhooks_disabled",
+            "GitHub webhooks are disabled here (GITHUB_WEBHOOKS_ENABLED=false); "
+            "nothing was queued.",
+        )
+
+    limit = gateway.settings.HOOKLINE_MAX_BODY_BYTES
+    if request.content_length is not None and request.content_length > limit:
+        return _refuse(413, "body_too_large", f"Bodies over {limit} bytes are refused.")
+    raw = request.get_data(cache=False)
+
+    signature = request.headers.get("X-Hub-Signature-256")
+    if not is_valid_signature(gateway.secret, raw, signature):
+        return _refuse(
+            403,
+            "bad_signature",
+            "X-Hub-Signature-256 is missing or does not match the body.",
+        )
+
+    event = request.headers.get("X-GitHub-Event", "")
+    if not _EVENT_NAME.fullmatch(event) or not _DELIVERY_ID.fullmatch(delivery_id):
+        return _refuse(
+            400,
+            "bad_headers",
+            "X-GitHub-Event and X-GitHub-Delivery must be present and well formed.",
+        )
+
+    content_type = request.mimetype
+    if content_type not in {"application/json", "application/x-www-form-urlencoded"}:
+        return _refuse(
+            415,
+            "unsupported_content_type",
+            "Send application/json or application/x-www-form-urlencoded.",
+        )
+    try:
+        payload = _parse_payload(raw, content_type)
+    except (ValueError, KeyError):
+        payload = None
+    if payload is None:
+        return _refuse(400, "malformed_payload", "The body is not a JSON object.")
+
+    if event == "ping":
+        log.info("delivery.ping", extra={"hook_id": payload.get("hook_id")})
+        return jsonify(status="pong", delivery=delivery_id), 200
+
+    try:
+        claim = claim_delivery(
+            gateway.redis,
+            delivery_id,
+            raw,
+            gateway.settings.HOOKLINE_DELIVERY_TTL,
+            gateway.settings.HOOKLINE_BODY_TTL,
+        )
+    except redis.RedisError as exc:
+        log.error("delivery.dedup_unavailable", extra={"error": type(exc).__name__})
+        return _refuse(503, "dedup_unavailable", "Try again: Redis did not answer.")
+    if claim is None:
+        log.info("delivery.duplicate", extra={"event": event})
+        return jsonify(status="duplicate", delivery=delivery_id), 200
+
+    try:
+        gateway.celery.send_task(
+            CLASSIFY_TASK,
+            kwargs={"delivery_id": delivery_id, "event": event, "payload": payload},
+        )
+    except Exception as exc:
+        # Let go of the claim so that GitHub's redelivery of this id gets through.
+        claim.release()
+        log.error("delivery.enqueue_failed", extra={"error": type(exc).__name__})
+        return _refuse(
+            503, "queue_unavailable", "Try again: the broker did not answer."
+        )
+
+    log.info(
+        "delivery.accepted", extra={"event": event, "action": payload.get("action")}
+    )
+    return jsonify(status="queued", delivery=delivery_id), 202
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the gateway; refuse to start without a webhook secret."""
+    settings = settings or load_settings()
+    secret = settings.require_webhook_secret()
+
+    app = Flask(__name__)
+    # Werkzeug refuses a longer body itself, also when it comes chunked.
+    app.config["MAX_CONTENT_LENGTH"] = settings.HOOKLINE_MAX_BODY_BYTES
+    app.extensions["hookline"] = Gateway(
+        settings=settings,
+        secret=secret,
+        redis=redis.Redis.from_url(
+            settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2
+        ),
+        celery=create_celery(settings),
+    )
+    app.register_blueprint(bp)
+
+    @app.errorhandler(413)
+    def _too_large(_: Exception) -> tuple[Response, int]:
+        return _refuse(413, "body_too_large", "The body is over the size limit.")
+
+    return app

@@ -1,0 +1,1 @@
+"""The Celery app and its pools: classify, conversations, agent, callbacks."""

@@ -1,0 +1,108 @@
+"""The Celery application, its queues and the routing of every task.
+
+Each pool is a worker consuming one queue (see the Procfile). Scaling out means more
+workers on the same broker.
+"""
+
+from __future__ import annotations
+
+from celery import Celery, signals
+from kombu import Queue
+
+from config.logging import delivery_id_var, setup_logging, task_id_var
+from config.settings import Settings, load_settings
+
+CLASSIFY_QUEUE = "classify"
+CONVERSATIONS_QUEUE = "conversations"
+AGENT_QUEUE = "agent"
+CALLBACKS_QUEUE = "callbacks"
+
+CLASSIFY_TASK = "hookline.classify_delivery"
+START_CONVERSATION_TASK = "hookline.start_conversation"
+RUN_AGENT_TASK = "hookline.run_agent"
+POST_CALLBACK_TASK = "hookline.post_callback"
+SWEEP_TASK = "hookline.requeue_stalled_work"
+
+TASK_ROUTES = {
+    CLASSIFY_TASK: {"queue": CLASSIFY_QUEUE},
+    START_CONVERSATION_TASK: {"queue": CONVERSATIONS_QUEUE},
+    RUN_AGENT_TASK: {"queue": AGENT_QUEUE},
+    POST_CALLBACK_TASK: {"queue": CALLBACKS_QUEUE},
+    SWEEP_TASK: {"queue": CONVERSATIONS_QUEUE},
+}
+
+
+def check_retry_bounds(settings: Settings) -> None:
+    """Refuse a retry delay that the Redis broker would redeliver while it waits."""
+    # A task waiting on a countdown stays unacked in its worker; past the visibility
+    # timeout Redis hands a copy to another worker and the task runs twice.
+    if settings.HOOKLINE_RETRY_MAX_DELAY >= settings.CELERY_VISIBILITY_TIMEOUT:
+        raise ValueError(
+            "HOOKLINE_RETRY_MAX_DELAY must be below CELERY_VISIBILITY_TIMEOUT, or a "
+            "retried task is delivered twice by the Redis broker."
+        )
+
+
+def create_celery(settings: Settings) -> Celery:
+    """Build a Celery app for `settings`; the gateway uses one only to publish."""
+    check_retry_bounds(settings)
+    app = Celery("hookline")
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": settings.CELERY_VISIBILITY_TIMEOUT
+        },
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_routes=TASK_ROUTES,
+        task_queues=[
+            Queue(name)
+            for name in (
+                CLASSIFY_QUEUE,
+                CONVERSATIONS_QUEUE,
+                AGENT_QUEUE,
+                CALLBACKS_QUEUE,
+            )
+        ],
+        task_default_queue=CLASSIFY_QUEUE,
+        # Tasks are idempotent, so a message is acknowledged only once its work is
+        # done; a worker killed mid-task leaves it to be delivered again.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        beat_schedule={
+            "requeue-stalled-work": {"task": SWEEP_TASK, "schedule": 30.0},
+        },
+        imports=(
+            "tasks.classify",
+            "tasks.conversations",
+            "tasks.agent",
+            "tasks.callbacks",
+        ),
+    )
+    return app
+
+
+app = create_celery(load_settings())
+
+
+@signals.setup_logging.connect
+def _configure_logging(**_: object) -> None:
+    setup_logging(load_settings().LOG_LEVEL)
+
+
+@signals.task_prerun.connect
+def _bind_delivery(task_id: str, kwargs: dict | None = None, **_: object) -> None:
+    delivery_id_var.set(str((kwargs or {}).get("delivery_id", "-")))
+    task_id_var.set(task_id)
+
+
+@signals.task_postrun.connect
+def _unbind_delivery(**_: object) -> None:
+    delivery_id_var.set("-")
+    task_id_var.set("-")
