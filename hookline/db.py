@@ -10,9 +10,22 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 
+def driver_url(url: str) -> str:
+    """Name psycopg2 as the driver of a bare PostgreSQL URL.
+
+    Heroku hands out `postgres://`, and SQLAlchemy 2.1 reads a bare
+    `postgresql://` as psycopg 3, which Hookline does not install.
+    """
+    for bare in ("postgres://", "postgresql://"):
+        if url.startswith(bare):
+            return "postgresql+psycopg2://" + url[len(bare) :]
+    return url
+
+
 @cache
 def engine_for(url: str) -> Engine:
     """Return this process's engine for `url`."""
+    url = driver_url(url)
     if url.startswith("sqlite"):
         # The embedded default is shared by several worker processes: wait for the
         # file lock instead of failing, and let readers run beside one writer.

@@ -82,6 +82,7 @@ class RecordedRequest:
     headers: dict[str, str]
     body: dict | list | None
     status: int
+    received_at: float = 0.0  # time.monotonic() when the request arrived
 
 
 @dataclass
@@ -393,6 +394,7 @@ class FakeGitHub:
             headers=dict(request.headers),
             body=request.get_json(force=True, silent=True),
             status=status,
+            received_at=g.get("received_at", time.monotonic()),
         )
         with self._lock:
             self._requests.append(recorded)
@@ -485,6 +487,7 @@ class FakeGitHub:
     def _before_request(self) -> Response | None:
         if request.path.startswith(CONTROL_PREFIX):
             return None
+        g.received_at = time.monotonic()
 
         failure = self._take_failure(request.method, request.path)
         if failure is not None:

@@ -178,7 +178,7 @@ class GitHubClient:
         return response.json() if response.content else None
 
     def permission(self, repository: str, login: str) -> str:
-        """Return `login`'s permission on `repository`: admin, maintain, write, …"""
+        """Return `login`'s permission on `repository`: admin, write, read or none."""
         path = f"/repos/{repository}/collaborators/{login}/permission"
         return self._call("GET", path)["permission"]
 

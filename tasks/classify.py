@@ -19,6 +19,7 @@ from workers.celery_app import CLASSIFY_TASK, START_CONVERSATION_TASK, app
 
 log = logging.getLogger(__name__)
 
+# GitHub reports the maintain role as "write" here (its role_name says maintain).
 WRITE_PERMISSIONS = {"admin", "maintain", "write"}
 
 

@@ -94,15 +94,19 @@ def test_valid_app_jwt_mints_an_installation_token(
     assert issue.status_code == 200
 
 
+UNDECODABLE = "A JSON web token could not be decoded"
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("wrong-key", "A JSON web token could not be decoded"),
-        ("wrong-iss", "A JSON web token could not be decoded"),
-        ("expired", "A JSON web token could not be decoded"),
-        ("missing", "A JSON web token could not be decoded"),
+        ("wrong-key", UNDECODABLE),
+        ("wrong-iss", UNDECODABLE),
+        ("expired", UNDECODABLE),
+        ("missing", UNDECODABLE),
         ("exp-too-far", "'Expiration time' claim ('exp') is too far in the future"),
     ],
+    ids=["wrong-key", "wrong-iss", "expired", "missing", "exp-too-far"],
 )
 def test_bad_app_jwt_is_refused_with_401(
     fake: FakeGitHub,

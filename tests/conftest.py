@@ -1,0 +1,253 @@
+"""Fixtures on the real services: PostgreSQL, Redis, Celery workers, gunicorn.
+
+The only stand-in is the loopback fake of GitHub's API (hookline.fake_github).
+Redis database 14 is the broker and 15 holds dedup keys and tokens; both are
+emptied when the session starts. Each session migrates a PostgreSQL database of
+its own and drops it at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg2
+import pytest
+import redis
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import make_url
+
+from config.settings import Settings, load_settings
+from hookline.devtools import free_port, generate_app_key, send_delivery
+from hookline.fake_github import FakeGitHub
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "examples" / "deliveries"
+ADMIN_DATABASE_URL = os.environ.get(
+    "HOOKLINE_TEST_ADMIN_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+BROKER_URL = os.environ.get("HOOKLINE_TEST_BROKER_URL", "redis://127.0.0.1:6379/14")
+REDIS_URL = os.environ.get("HOOKLINE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+APP_ID = "31337"
+SECRET = "test-webhook-secret"
+POOLS = ("classify", "conversations", "agent", "callbacks")
+
+
+def fixture_bytes(name: str) -> bytes:
+    """Return a recorded delivery's exact bytes."""
+    return (FIXTURES / name).read_bytes()
+
+
+def migrate(database_url: str) -> None:
+    """Bring a database to the newest schema, as the Procfile's release step does."""
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("sqlalchemy.url", database_url)
+    config.attributes["configure_logger"] = False
+    command.upgrade(config, "head")
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """Create, migrate and finally drop a PostgreSQL database for this session."""
+    name = f"hookline_test_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(ADMIN_DATABASE_URL)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(ADMIN_DATABASE_URL).set(database=name)
+    rendered = url.render_as_string(hide_password=False)
+    migrate(rendered)
+    yield rendered
+    from hookline.db import engine_for
+
+    engine_for(rendered).dispose()
+    with admin.cursor() as cursor:
+        cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture(scope="session")
+def redis_client() -> redis.Redis:
+    """Return the Redis database that holds dedup keys and tokens."""
+    client = redis.Redis.from_url(REDIS_URL)
+    client.ping()
+    return client
+
+
+@pytest.fixture(scope="session")
+def app_key(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes]:
+    """Return a throwaway GitHub App private key path and its public key."""
+    return generate_app_key(tmp_path_factory.mktemp("app-key"))
+
+
+@pytest.fixture(scope="session")
+def fake_github(app_key: tuple[Path, bytes]) -> Iterator[FakeGitHub]:
+    """Run the loopback fake of GitHub's API for the whole session."""
+    fake = FakeGitHub(app_id=APP_ID, public_key_pem=app_key[1]).start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="session")
+def environment(
+    database_url: str, app_key: tuple[Path, bytes], fake_github: FakeGitHub
+) -> dict[str, str]:
+    """Return the settings every process of the stack runs with."""
+    return {
+        "GITHUB_APP_WEBHOOK_SECRET": SECRET,
+        "GITHUB_APP_ID": APP_ID,
+        "GITHUB_APP_PRIVATE_KEY_PATH": str(app_key[0]),
+        "GITHUB_API_URL": fake_github.url,
+        "REDIS_URL": REDIS_URL,
+        "CELERY_BROKER_URL": BROKER_URL,
+        "DATABASE_URL": database_url,
+        "HOOKLINE_AGENT_COMMAND": f"{sys.executable} {ROOT / 'tests' / 'agent.py'}",
+        "HOOKLINE_AGENT_TIMEOUT": "20",
+        "HOOKLINE_GITHUB_TIMEOUT": "2",
+        "HOOKLINE_RETRY_BASE": "0.2",
+        "HOOKLINE_MAX_RETRIES": "4",
+        "HOOKLINE_LEASE_SECONDS": "6",
+    }
+
+
+@pytest.fixture(scope="session")
+def settings(environment: dict[str, str]) -> Settings:
+    """Return the stack's settings as the processes read them."""
+    return load_settings(environment)
+
+
+@dataclass
+class Stack:
+    """The running gateway and pools, and the ways a test talks to them."""
+
+    gateway_url: str
+    settings: Settings
+    fake: FakeGitHub
+    logs: Path
+
+    def send(
+        self, name: str, event: str, delivery_id: str | None = None
+    ) -> tuple[str, int]:
+        """Send a recorded delivery signed as GitHub would; return id and status."""
+        delivery_id = delivery_id or str(uuid.uuid4())
+        response = send_delivery(
+            self.gateway_url, SECRET, event, fixture_bytes(name), delivery_id
+        )
+        return delivery_id, response.status_code
+
+    def log_text(self) -> str:
+        """Return everything the stack's processes logged so far."""
+        return "\n".join(path.read_text() for path in sorted(self.logs.glob("*.log")))
+
+
+def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not happen within {timeout} s")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def stack(
+    environment: dict[str, str],
+    settings: Settings,
+    fake_github: FakeGitHub,
+    redis_client: redis.Redis,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    """Run gunicorn and one Celery worker per pool, as the Procfile does."""
+    redis.Redis.from_url(BROKER_URL).flushdb()
+    redis_client.flushdb()
+    logs = tmp_path_factory.mktemp("stack-logs")
+    port = free_port()
+    env = {**environment, "PORT": str(port), "WEB_HOST": "127.0.0.1"}
+    bin_dir = Path(sys.executable).parent
+    processes = [
+        _start(
+            [
+                str(bin_dir / "gunicorn"),
+                "-c",
+                "config/gunicorn.py",
+                "webhook_gateway.wsgi:app",
+            ],
+            env,
+            logs / "web.log",
+        )
+    ]
+    for pool in POOLS:
+        processes.append(
+            _start(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "workers.celery_app",
+                    "worker",
+                    "-Q",
+                    pool,
+                    "-n",
+                    f"{pool}@test",
+                    "--concurrency",
+                    "2",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "-l",
+                    "INFO",
+                ],
+                env,
+                logs / f"{pool}.log",
+            )
+        )
+    stack = Stack(f"http://127.0.0.1:{port}", settings, fake_github, logs)
+    try:
+        for pool in POOLS:
+            _wait_until(
+                lambda pool=pool: "ready." in (logs / f"{pool}.log").read_text(),
+                60,
+                f"the {pool} worker starting",
+            )
+        _wait_until(
+            lambda: "Booting worker" in (logs / "web.log").read_text(),
+            30,
+            "gunicorn starting",
+        )
+        yield stack
+    finally:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def running(stack: Stack, redis_client: redis.Redis) -> Stack:
+    """Return the stack with the fake GitHub and the replay keys cleared."""
+    stack.fake.reset()
+    for key in redis_client.scan_iter("hookline:*"):
+        if not key.startswith(b"hookline:installation-token:"):
+            redis_client.delete(key)
+    return stack
