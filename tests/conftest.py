@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +150,8 @@ class Stack:
 
 
 def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    if args[0] == "celery":
+        args = [sys.executable, "-m", *args]
     return subprocess.Popen(
         args,
         cwd=ROOT,
@@ -167,72 +170,49 @@ def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> Non
         time.sleep(0.1)
 
 
-@pytest.fixture(scope="session")
-def stack(
+@contextmanager
+def launched(
     environment: dict[str, str],
-    settings: Settings,
-    fake_github: FakeGitHub,
-    redis_client: redis.Redis,
-    tmp_path_factory: pytest.TempPathFactory,
+    fake: FakeGitHub,
+    logs: Path,
+    workers: dict[str, str],
 ) -> Iterator[Stack]:
-    """Run gunicorn and one Celery worker per pool, as the Procfile does."""
-    redis.Redis.from_url(BROKER_URL).flushdb()
-    redis_client.flushdb()
-    logs = tmp_path_factory.mktemp("stack-logs")
+    """Run gunicorn and one Celery worker per entry of `workers` (name: queues)."""
     port = free_port()
     env = {**environment, "PORT": str(port), "WEB_HOST": "127.0.0.1"}
-    bin_dir = Path(sys.executable).parent
+    gunicorn = Path(sys.executable).with_name("gunicorn")
     processes = [
         _start(
-            [
-                str(bin_dir / "gunicorn"),
-                "-c",
-                "config/gunicorn.py",
-                "webhook_gateway.wsgi:app",
-            ],
+            [str(gunicorn), "-c", "config/gunicorn.py", "webhook_gateway.wsgi:app"],
             env,
             logs / "web.log",
         )
     ]
-    for pool in POOLS:
+    for name, queues in workers.items():
         processes.append(
             _start(
                 [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "workers.celery_app",
-                    "worker",
-                    "-Q",
-                    pool,
-                    "-n",
-                    f"{pool}@test",
-                    "--concurrency",
-                    "2",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "-l",
-                    "INFO",
+                    *("celery", "-A", "workers.celery_app", "worker"),
+                    *("-Q", queues, "-n", f"{name}@test", "--concurrency", "2"),
+                    *("--without-gossip", "--without-mingle", "-l", "INFO"),
                 ],
                 env,
-                logs / f"{pool}.log",
+                logs / f"{name}.log",
             )
         )
-    stack = Stack(f"http://127.0.0.1:{port}", settings, fake_github, logs)
     try:
-        for pool in POOLS:
+        for name in workers:
             _wait_until(
-                lambda pool=pool: "ready." in (logs / f"{pool}.log").read_text(),
+                lambda name=name: "ready." in (logs / f"{name}.log").read_text(),
                 60,
-                f"the {pool} worker starting",
+                f"the {name} worker starting",
             )
         _wait_until(
             lambda: "Booting worker" in (logs / "web.log").read_text(),
             30,
             "gunicorn starting",
         )
-        yield stack
+        yield Stack(f"http://127.0.0.1:{port}", load_settings(environment), fake, logs)
     finally:
         for process in processes:
             os.killpg(process.pid, signal.SIGTERM)
@@ -241,6 +221,23 @@ def stack(
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def stack(
+    environment: dict[str, str],
+    fake_github: FakeGitHub,
+    redis_client: redis.Redis,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    """Run the gateway and one worker per pool, as the Procfile does."""
+    redis.Redis.from_url(BROKER_URL).flushdb()
+    redis_client.flushdb()
+    logs = tmp_path_factory.mktemp("stack-logs")
+    with launched(
+        environment, fake_github, logs, {pool: pool for pool in POOLS}
+    ) as running_stack:
+        yield running_stack
 
 
 @pytest.fixture

@@ -1,0 +1,32 @@
+"""The README's first command, run as a user would, so it cannot rot unnoticed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def test_demo_gives_every_recorded_delivery_its_outcome() -> None:
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL"}
+    }
+    finished = subprocess.run(
+        [sys.executable, "-m", "hookline.demo", "--timeout", "60"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    assert "14/14 deliveries got the expected outcome" in finished.stdout
+    assert "fake GitHub received 4 comments and 4 reactions" in finished.stdout
+    assert "HTTP 200 duplicate" in finished.stdout
+    assert "HTTP 403 bad_signature" in finished.stdout
+    assert "FAIL" not in finished.stdout

@@ -1,0 +1,250 @@
+"""The gateway on real Redis: what each kind of request is answered, what is queued.
+
+The gateway publishes to a Redis broker database no worker reads, so a test can
+count exactly the messages a request queued.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+from urllib.parse import urlencode
+
+import pytest
+import redis
+from flask.testing import FlaskClient
+
+from config.settings import load_settings
+from tests.conftest import REDIS_URL, SECRET, fixture_bytes
+from webhook_gateway.app import EVENTS_PATH, create_app
+from webhook_gateway.signature import sign
+
+QUIET_BROKER_URL = "redis://127.0.0.1:6379/12"
+BODY = fixture_bytes("issue_comment.created.json")
+
+
+def gateway(**overrides: object) -> FlaskClient:
+    settings = load_settings(
+        environ={},
+        overrides={
+            "GITHUB_APP_WEBHOOK_SECRET": SECRET,
+            "REDIS_URL": REDIS_URL,
+            "CELERY_BROKER_URL": QUIET_BROKER_URL,
+            **overrides,
+        },
+    )
+    return create_app(settings).test_client()
+
+
+@pytest.fixture
+def broker() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(QUIET_BROKER_URL)
+    client.delete("classify")
+    yield client
+    client.delete("classify")
+
+
+@pytest.fixture
+def client(redis_client: redis.Redis, broker: redis.Redis) -> FlaskClient:
+    for key in redis_client.scan_iter("hookline:delivery:*"):
+        redis_client.delete(key)
+    for key in redis_client.scan_iter("hookline:body:*"):
+        redis_client.delete(key)
+    return gateway()
+
+
+def queued(broker: redis.Redis) -> list[dict]:
+    """Return the kwargs of every task message waiting in the classify queue."""
+    messages = [json.loads(raw) for raw in broker.lrange("classify", 0, -1)]
+    return [json.loads(base64.b64decode(m["body"]))[1] for m in messages]
+
+
+def post(
+    client: FlaskClient,
+    body: bytes = BODY,
+    *,
+    event: str | None = "issue_comment",
+    delivery_id: str | None = None,
+    signature: str | None = None,
+    content_type: str = "application/json",
+    secret: str = SECRET,
+):
+    headers = {
+        "Content-Type": content_type,
+        "X-GitHub-Delivery": delivery_id or str(uuid.uuid4()),
+        "X-Hub-Signature-256": signature or sign(secret.encode(), body),
+    }
+    if event is not None:
+        headers["X-GitHub-Event"] = event
+    return client.post(EVENTS_PATH, data=body, headers=headers)
+
+
+def test_signed_delivery_is_queued_once_and_answered_202(client, broker) -> None:
+    delivery_id = str(uuid.uuid4())
+    response = post(client, delivery_id=delivery_id)
+
+    assert response.status_code == 202
+    assert response.json == {"status": "queued", "delivery": delivery_id}
+    assert queued(broker) == [
+        {
+            "delivery_id": delivery_id,
+            "event": "issue_comment",
+            "payload": json.loads(BODY),
+        }
+    ]
+
+
+def test_form_encoded_delivery_is_verified_on_raw_bytes(client, broker) -> None:
+    body = urlencode({"payload": BODY.decode()}).encode()
+    response = post(client, body, content_type="application/x-www-form-urlencoded")
+
+    assert response.status_code == 202
+    assert queued(broker)[0]["payload"] == json.loads(BODY)
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [
+        None,
+        "sha256=" + "0" * 64,
+        "sha1=" + "0" * 40,
+        sign(b"another secret", BODY),
+        sign(SECRET.encode(), BODY).upper(),
+        sign(SECRET.encode(), BODY)[:-1],
+    ],
+    ids=["missing", "zeros", "sha1", "other-secret", "uppercase", "truncated"],
+)
+def test_bad_signature_is_refused_with_403(client, broker, signature) -> None:
+    headers = {
+        "Content-Type": "application/json",
+        "X-GitHub-Event": "issue_comment",
+        "X-GitHub-Delivery": str(uuid.uuid4()),
+    }
+    if signature is not None:
+        headers["X-Hub-Signature-256"] = signature
+    response = client.post(EVENTS_PATH, data=BODY, headers=headers)
+
+    assert response.status_code == 403
+    assert response.json["reason"] == "bad_signature"
+    assert queued(broker) == []
+
+
+def test_signature_of_a_different_body_is_refused(client, broker) -> None:
+    response = post(client, BODY + b" ", signature=sign(SECRET.encode(), BODY))
+
+    assert response.status_code == 403
+    assert queued(broker) == []
+
+
+@pytest.mark.parametrize(
+    ("event", "delivery_id"),
+    [(None, None), ("", None), ("Issue Comment", None), ("issues", "not/a guid")],
+    ids=["no-event", "empty-event", "bad-event", "bad-delivery-id"],
+)
+def test_missing_or_malformed_headers_get_400(client, broker, event, delivery_id):
+    response = post(client, event=event, delivery_id=delivery_id or str(uuid.uuid4()))
+
+    assert response.status_code == 400
+    assert response.json["reason"] == "bad_headers"
+    assert queued(broker) == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", b"[1, 2]", b'"a string"', b"\xff\xfe{}", b""],
+    ids=["truncated", "array", "string", "not-utf8", "empty"],
+)
+def test_signed_body_that_is_not_a_json_object_gets_400(client, broker, body):
+    response = post(client, body)
+
+    assert response.status_code == 400
+    assert response.json["reason"] == "malformed_payload"
+    assert queued(broker) == []
+
+
+def test_form_body_without_payload_field_gets_400(client, broker) -> None:
+    body = b"other=1"
+    response = post(client, body, content_type="application/x-www-form-urlencoded")
+
+    assert response.status_code == 400
+    assert queued(broker) == []
+
+
+def test_unsupported_content_type_gets_415(client, broker) -> None:
+    response = post(client, content_type="text/plain")
+
+    assert response.status_code == 415
+    assert queued(broker) == []
+
+
+def test_body_over_the_cap_gets_413_and_queues_nothing(redis_client, broker) -> None:
+    small = gateway(HOOKLINE_MAX_BODY_BYTES=1000)
+    response = post(small, BODY)
+
+    assert len(BODY) > 1000
+    assert response.status_code == 413
+    assert response.json["reason"] == "body_too_large"
+    assert queued(broker) == []
+
+
+def test_ping_is_answered_200_and_queues_nothing(client, broker) -> None:
+    response = post(client, fixture_bytes("ping.json"), event="ping")
+
+    assert response.status_code == 200
+    assert response.json["status"] == "pong"
+    assert queued(broker) == []
+
+
+def test_replayed_delivery_id_is_answered_200_and_queued_once(client, broker):
+    delivery_id = str(uuid.uuid4())
+    first = post(client, delivery_id=delivery_id)
+    again = post(client, delivery_id=delivery_id)
+
+    assert (first.status_code, again.status_code) == (202, 200)
+    assert again.json["status"] == "duplicate"
+    assert len(queued(broker)) == 1
+
+
+def test_unknown_event_is_accepted_for_the_classifier_to_ignore(client, broker):
+    response = post(client, b'{"action": "created"}', event="star")
+
+    assert response.status_code == 202
+    assert queued(broker)[0]["event"] == "star"
+
+
+def test_disabled_webhooks_answer_503_with_a_message(redis_client, broker) -> None:
+    response = post(gateway(GITHUB_WEBHOOKS_ENABLED=False))
+
+    assert response.status_code == 503
+    assert response.json["reason"] == "webhooks_disabled"
+    assert "GITHUB_WEBHOOKS_ENABLED" in response.json["message"]
+    assert queued(broker) == []
+
+
+def test_broker_down_answers_503_and_lets_a_redelivery_through(client, broker):
+    # Port 1 on loopback: nothing listens, so the publish fails at once.
+    down = gateway(CELERY_BROKER_URL="redis://127.0.0.1:1/0")
+    delivery_id = str(uuid.uuid4())
+
+    refused = post(down, delivery_id=delivery_id)
+    redelivered = post(client, delivery_id=delivery_id)
+
+    assert refused.status_code == 503
+    assert refused.json["reason"] == "queue_unavailable"
+    assert redelivered.status_code == 202
+    assert len(queued(broker)) == 1
+
+
+def test_redis_down_answers_503(broker) -> None:
+    response = post(gateway(REDIS_URL="redis://127.0.0.1:1/0"))
+
+    assert response.status_code == 503
+    assert response.json["reason"] == "dedup_unavailable"
+    assert queued(broker) == []
+
+
+def test_other_methods_and_paths_are_not_served(client) -> None:
+    assert client.get(EVENTS_PATH).status_code == 405
+    assert client.post("/integration/github/other", data=BODY).status_code == 404
