@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint run clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# honcho stops every process when one exits, and `release` exits once the schema is
+# current, so it runs first and the long-running processes after it.
+run: $(STAMP)
+	$(VENV)/bin/honcho run alembic upgrade head
+	$(VENV)/bin/honcho start web classify conversations agent callbacks beat flower
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
