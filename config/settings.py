@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -28,8 +29,8 @@ def _number(name: str, raw: str, kind: type[int] | type[float]) -> int | float:
         value = kind(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, not {raw!r}.") from None
-    if value < 0:
-        raise ConfigError(f"{name} must not be negative.")
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a finite number, not negative.")
     return value
 
 

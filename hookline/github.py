@@ -46,6 +46,10 @@ class PermanentGitHubError(GitHubError):
     """GitHub refused the request; sending it again would get the same answer."""
 
 
+# GitHub's advice for a secondary limit that names no wait: at least a minute.
+SECONDARY_LIMIT_WAIT = 60.0
+
+
 def _retry_after(response: requests.Response) -> float | None:
     header = response.headers.get("Retry-After")
     if header and header.strip().isdigit():
@@ -56,6 +60,8 @@ def _retry_after(response: requests.Response) -> float | None:
             return max(0.0, float(reset) - time.time())
         except ValueError:
             return None
+    if response.status_code == 403:
+        return SECONDARY_LIMIT_WAIT
     return None
 
 

@@ -174,7 +174,7 @@ def _agent_context(conversation: Conversation) -> dict[str, str]:
 
 
 # Acknowledged at once: the run's own lease, not the broker, guards it (see above).
-@app.task(name=RUN_AGENT_TASK, acks_late=False)
+@app.task(name=RUN_AGENT_TASK, acks_late=False, **common.OUTAGE_RETRY)
 def run_agent(conversation_id: str, delivery_id: str) -> str | None:
     """Run the agent for a stored conversation."""
     config = common.settings()
@@ -215,7 +215,7 @@ def find_stalled(config: Settings) -> tuple[list[tuple], list[tuple]]:
         return list(session.execute(runs)), list(session.execute(callbacks))
 
 
-@app.task(name=SWEEP_TASK)
+@app.task(name=SWEEP_TASK, **common.OUTAGE_RETRY)
 def requeue_stalled_work() -> int:
     """Queue again the runs whose lease lapsed and the callbacks never queued."""
     runs, callbacks = find_stalled(common.settings())

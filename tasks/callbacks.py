@@ -62,7 +62,7 @@ def _record(
             setattr(callback, name, value)
 
 
-@app.task(name=POST_CALLBACK_TASK, bind=True)
+@app.task(name=POST_CALLBACK_TASK, bind=True, **common.OUTAGE_RETRY)
 def post_callback(
     self: Task, conversation_id: str, event: str, delivery_id: str
 ) -> str:

@@ -79,7 +79,7 @@ def _permission_of(trigger: Trigger) -> str:
     return client.permission(trigger["repository"], trigger["author"])
 
 
-@app.task(name=CLASSIFY_TASK, bind=True)
+@app.task(name=CLASSIFY_TASK, bind=True, **common.OUTAGE_RETRY)
 def classify_delivery(self: Task, delivery_id: str, event: str, payload: dict) -> str:
     """Decide what a delivery asks for and hand a job to the conversation pool."""
     config = common.settings()

@@ -6,14 +6,32 @@ import logging
 import random
 from functools import cache
 
+import kombu.exceptions
 import redis
 import requests
 from celery import Task
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from config.settings import Settings, load_settings
 from hookline.github import GitHubApp, GitHubClient, TransientGitHubError
 
 log = logging.getLogger(__name__)
+
+# An outage of the database, Redis or the broker is waited out, not turned into a
+# lost task: Celery retries it with jittered exponential backoff.
+OUTAGE_RETRY = {
+    "autoretry_for": (
+        OperationalError,
+        InterfaceError,
+        redis.ConnectionError,
+        redis.TimeoutError,
+        kombu.exceptions.OperationalError,
+    ),
+    "retry_backoff": True,
+    "retry_backoff_max": 300,
+    "retry_jitter": True,
+    "max_retries": 10,
+}
 
 
 @cache
