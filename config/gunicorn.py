@@ -5,8 +5,12 @@ import os
 # Heroku and honcho hand each process its port in $PORT.
 bind = f"{os.environ.get('WEB_HOST', '0.0.0.0')}:{os.environ.get('PORT', '8000')}"  # noqa: S104
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = "sync"
-# GitHub waits 10 s for an answer; a request stuck longer is a bug to surface.
-timeout = 10
+# Threads, so that a client trickling its body ties up one thread, not a whole
+# worker; in production a buffering proxy in front takes that load entirely.
+worker_class = "gthread"
+threads = int(os.environ.get("WEB_THREADS", "8"))
+timeout = 30
 graceful_timeout = 10
+# Each gunicorn would otherwise share one control socket under ~/.gunicorn.
+control_socket_disable = True
 accesslog = "-" if os.environ.get("WEB_ACCESS_LOG") else None

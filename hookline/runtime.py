@@ -118,10 +118,9 @@ class CommandRuntime:
                 heartbeat()
 
         if process.returncode != 0:
-            log.warning(
-                "agent.failed",
-                extra={"exit_code": process.returncode, "stderr": stderr[-500:]},
-            )
+            log.warning("agent.failed", extra={"exit_code": process.returncode})
+            # The agent may print anything, secrets included: only at DEBUG.
+            log.debug("agent.stderr", extra={"stderr": stderr[-2000:]})
             return AgentOutcome(
                 AgentStatus.ERROR,
                 error=f"agent exited with code {process.returncode}",

@@ -174,7 +174,13 @@ def _agent_context(conversation: Conversation) -> dict[str, str]:
 
 
 # Acknowledged at once: the run's own lease, not the broker, guards it (see above).
-@app.task(name=RUN_AGENT_TASK, acks_late=False, **common.OUTAGE_RETRY)
+@app.task(
+    name=RUN_AGENT_TASK,
+    acks_late=False,
+    soft_time_limit=None,
+    time_limit=common.settings().HOOKLINE_AGENT_TIMEOUT + 60,
+    **common.OUTAGE_RETRY,
+)
 def run_agent(conversation_id: str, delivery_id: str) -> str | None:
     """Run the agent for a stored conversation."""
     config = common.settings()

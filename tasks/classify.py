@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 
@@ -11,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from config.settings import Settings
 from hookline.db import session_scope
-from hookline.github import GitHubError, PermanentGitHubError, TransientGitHubError
+from hookline.github import PermanentGitHubError, TransientGitHubError
 from hookline.models import Delivery, Verdict
 from tasks import common
 from tasks.triggers import Decision, Trigger, classify
@@ -49,11 +50,20 @@ def record_verdict(
     reason: str,
 ) -> None:
     """Store the verdict on a delivery, replacing the one an earlier attempt stored."""
+    installation = payload.get("installation")
+    repository = payload.get("repository")
+    installation_id = installation.get("id") if isinstance(installation, dict) else None
+    full_name = repository.get("full_name") if isinstance(repository, dict) else None
+    action = payload.get("action")
     values = {
         "event": event,
-        "action": payload.get("action"),
-        "installation_id": (payload.get("installation") or {}).get("id"),
-        "repository": (payload.get("repository") or {}).get("full_name"),
+        "action": action[:64] if isinstance(action, str) else None,
+        "installation_id": (
+            installation_id
+            if type(installation_id) is int and 0 < installation_id < 2**63
+            else None
+        ),
+        "repository": full_name[:200] if isinstance(full_name, str) else None,
         "verdict": verdict.value,
         "reason": reason,
     }
@@ -79,17 +89,36 @@ def _permission_of(trigger: Trigger) -> str:
     return client.permission(trigger["repository"], trigger["author"])
 
 
+def _parse(body: str) -> dict | None:
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
 @app.task(name=CLASSIFY_TASK, bind=True, **common.OUTAGE_RETRY)
-def classify_delivery(self: Task, delivery_id: str, event: str, payload: dict) -> str:
+def classify_delivery(self: Task, delivery_id: str, event: str, body: str) -> str:
     """Decide what a delivery asks for and hand a job to the conversation pool."""
     config = common.settings()
+    payload = _parse(body)
+    if payload is None:
+        # The gateway parsed it already; only nesting too deep for this process
+        # (or a message not sent by the gateway) gets here.
+        return _fail(config, delivery_id, event, {}, "the body is not a JSON object")
     try:
         decision = decide(event, payload, config, _permission_of)
+    except common.OUTAGES:
+        raise
     except TransientGitHubError as exc:
         common.retry_later(self, exc)
-        return _fail(config, delivery_id, event, payload, exc)
+        return _fail(config, delivery_id, event, payload, f"permission check: {exc}")
     except PermanentGitHubError as exc:
-        return _fail(config, delivery_id, event, payload, exc)
+        return _fail(config, delivery_id, event, payload, f"permission check: {exc}")
+    except Exception as exc:
+        # A bug, not bad luck: record it so the delivery is not silently gone.
+        _fail(config, delivery_id, event, payload, f"internal error: {exc!r}"[:500])
+        raise
 
     if decision.trigger is None:
         record_verdict(
@@ -117,14 +146,10 @@ def classify_delivery(self: Task, delivery_id: str, event: str, payload: dict) -
 
 
 def _fail(
-    config: Settings, delivery_id: str, event: str, payload: dict, exc: GitHubError
+    config: Settings, delivery_id: str, event: str, payload: dict, reason: str
 ) -> str:
-    reason = f"permission check failed: {exc}"
     record_verdict(
         config.DATABASE_URL, delivery_id, event, payload, Verdict.FAILED, reason
     )
-    log.error(
-        "delivery.failed",
-        extra={"event": event, "status": exc.status, "error": str(exc)},
-    )
+    log.error("delivery.failed", extra={"event": event, "reason": reason})
     return Verdict.FAILED.value

@@ -19,14 +19,15 @@ log = logging.getLogger(__name__)
 
 # An outage of the database, Redis or the broker is waited out, not turned into a
 # lost task: Celery retries it with jittered exponential backoff.
+OUTAGES = (
+    OperationalError,
+    InterfaceError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+    kombu.exceptions.OperationalError,
+)
 OUTAGE_RETRY = {
-    "autoretry_for": (
-        OperationalError,
-        InterfaceError,
-        redis.ConnectionError,
-        redis.TimeoutError,
-        kombu.exceptions.OperationalError,
-    ),
+    "autoretry_for": OUTAGES,
     "retry_backoff": True,
     "retry_backoff_max": 300,
     "retry_jitter": True,

@@ -9,9 +9,12 @@ import re
 from dataclasses import dataclass
 from typing import TypedDict
 
-_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+# A backtick fence's info string holds no backtick (CommonMark), else it is inline.
+_FENCE = re.compile(r"^ {0,3}(`{3,}(?=[^`]*$)|~{3,})")
 _QUOTE = re.compile(r"^ {0,3}>")
-_INLINE_CODE = re.compile(r"(`+)(?:(?!\1).)+?\1", re.DOTALL)
+_BACKTICKS = re.compile(r"`+")
+_REPOSITORY = re.compile(r"[A-Za-z0-9-]{1,39}/[A-Za-z0-9_.-]{1,100}")
+_LOGIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,38}(?:\[bot\])?")
 COMMENT_ACTIONS = {"edited": "edited comments", "deleted": "deleted comments"}
 
 
@@ -42,30 +45,65 @@ class Decision:
     trigger: Trigger | None = None
 
 
+def _strip_inline_code(text: str) -> str:
+    """Remove inline code spans in one pass, however many backticks there are."""
+    runs = [(match.start(), match.end()) for match in _BACKTICKS.finditer(text)]
+    # A span closes at the next run of backticks of the same length (CommonMark).
+    closer: list[int | None] = [None] * len(runs)
+    last_of_length: dict[int, int] = {}
+    for index in range(len(runs) - 1, -1, -1):
+        length = runs[index][1] - runs[index][0]
+        closer[index] = last_of_length.get(length)
+        last_of_length[length] = index
+
+    pieces: list[str] = []
+    position = index = 0
+    while index < len(runs):
+        close = closer[index]
+        if close is None:
+            index += 1
+            continue
+        pieces.append(text[position : runs[index][0]])
+        pieces.append(" ")
+        position = runs[close][1]
+        index = close + 1
+    pieces.append(text[position:])
+    return "".join(pieces)
+
+
 def _strip_code_and_quotes(body: str) -> str:
-    """Return `body` without quoted lines, code blocks and inline code."""
+    """Return `body` without quotes, code blocks and inline code."""
     kept: list[str] = []
     fence: str | None = None
     previous_blank = True
+    in_quote = False
     for line in body.splitlines():
         opening = _FENCE.match(line)
         if fence is not None:
-            closing = opening and opening.group(1)[0] == fence[0]
-            if closing and len(opening.group(1)) >= len(fence):
+            closing = (
+                opening
+                and opening.group(1)[0] == fence[0]
+                and len(opening.group(1)) >= len(fence)
+                and not line[opening.end() :].strip()
+            )
+            if closing:
                 fence = None
             continue
         if opening:
             fence = opening.group(1)
             continue
-        indented = line.startswith(("    ", "\t")) and line.strip()
-        if _QUOTE.match(line) or (indented and previous_blank):
+        blank = not line.strip()
+        # A quote goes on over following lines until a blank one (lazy continuation).
+        in_quote = bool(_QUOTE.match(line)) or (in_quote and not blank)
+        indented = line.startswith(("    ", "\t")) and not blank
+        if in_quote or (indented and previous_blank):
             # An indented block after a blank line is Markdown code; keep treating
             # the following indented lines as code by not resetting the flag.
             previous_blank = bool(indented) and previous_blank
             continue
         kept.append(line)
-        previous_blank = not line.strip()
-    return _INLINE_CODE.sub(" ", "\n".join(kept))
+        previous_blank = blank
+    return _strip_inline_code("\n".join(kept))
 
 
 def mentions(body: str | None, handle: str) -> bool:
@@ -82,50 +120,95 @@ def mentions(body: str | None, handle: str) -> bool:
     return pattern.search(_strip_code_and_quotes(body)) is not None
 
 
-def _installation_id(payload: dict) -> int | None:
-    installation = payload.get("installation")
-    if isinstance(installation, dict) and isinstance(installation.get("id"), int):
-        return installation["id"]
-    return None
+class MalformedPayload(ValueError):
+    """A field the decision needs is missing or of the wrong type."""
 
 
-def _written_by_bot(payload: dict) -> bool:
-    sender = payload.get("sender") or {}
-    author = (payload.get("comment") or {}).get("user") or {}
+def _object(container: dict, key: str) -> dict:
+    value = container.get(key)
+    if not isinstance(value, dict):
+        raise MalformedPayload(f"{key} is not an object")
+    return value
+
+
+def _positive_int(container: dict, key: str) -> int:
+    value = container.get(key)
+    # bool is an int to Python, not to GitHub; ids are stored as 64-bit integers.
+    if type(value) is not int or not 0 < value < 2**63:
+        raise MalformedPayload(f"{key} is not a positive integer")
+    return value
+
+
+def _text(container: dict, key: str) -> str:
+    value = container.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise MalformedPayload(f"{key} is not a string")
+    return value
+
+
+def _login(user: dict) -> str:
+    login = user.get("login")
+    if not isinstance(login, str) or not _LOGIN.fullmatch(login):
+        raise MalformedPayload("login is not a GitHub login")
+    return login
+
+
+def _repository(payload: dict) -> str:
+    name = _object(payload, "repository").get("full_name")
+    # These names end up in API paths; refuse anything that could walk them.
+    if not isinstance(name, str) or not _REPOSITORY.fullmatch(name):
+        raise MalformedPayload("repository.full_name is not owner/name")
+    if {".", ".."} & set(name.split("/")):
+        raise MalformedPayload("repository.full_name is not owner/name")
+    return name
+
+
+def _written_by_bot(payload: dict, comment: dict) -> bool:
+    sender = payload.get("sender") if isinstance(payload.get("sender"), dict) else {}
+    author = comment.get("user") if isinstance(comment.get("user"), dict) else {}
     return sender.get("type") == "Bot" or author.get("type") == "Bot"
 
 
 def classify(event: str, payload: dict, label: str, handle: str) -> Decision:
     """Return the trigger a delivery carries, or the reason it carries none."""
-    action = payload.get("action")
-    if event == "installation" or event == "installation_repositories":
+    if event in {"installation", "installation_repositories"}:
         return Decision(f"{event} event recorded, no job")
     if event not in {"issues", "issue_comment", "pull_request_review_comment"}:
         return Decision(f"{event} events do not trigger")
+    try:
+        return _classify(event, payload, label, handle)
+    except MalformedPayload as exc:
+        return Decision(f"malformed payload: {exc}")
 
-    installation_id = _installation_id(payload)
-    if installation_id is None:
+
+def _classify(event: str, payload: dict, label: str, handle: str) -> Decision:
+    action = payload.get("action")
+    action = action if isinstance(action, str) else None
+    installation = payload.get("installation")
+    if not isinstance(installation, dict) or "id" not in installation:
         return Decision("no App installation in the delivery")
-    repository = (payload.get("repository") or {}).get("full_name")
-    if not repository:
-        return Decision("no repository in the delivery")
+    installation_id = _positive_int(installation, "id")
+    repository = _repository(payload)
 
     if event == "issues":
         if action != "labeled":
             return Decision(f"{action} issues do not trigger")
-        if (payload.get("label") or {}).get("name", "").casefold() != label.casefold():
+        if _text(_object(payload, "label"), "name").casefold() != label.casefold():
             return Decision("label is not the trigger label")
         return _issue_trigger(payload, repository, installation_id)
 
     if action != "created":
         return Decision(
-            f"{COMMENT_ACTIONS.get(action, f'{action} comments')} do not trigger"
+            f"{COMMENT_ACTIONS.get(action or '', f'{action} comments')} do not trigger"
         )
-    if _written_by_bot(payload):
+    comment = _object(payload, "comment")
+    if _written_by_bot(payload, comment):
         return Decision("comment written by a bot")
-    comment = payload.get("comment") or {}
-    if not mentions(comment.get("body"), handle):
-        if handle.casefold() in (comment.get("body") or "").casefold():
+    body = _text(comment, "body")
+    if not mentions(body, handle):
+        if handle.casefold() in body.casefold():
             return Decision(f"{handle} appears only in a quote, code or longer word")
         return Decision(f"comment does not mention {handle}")
 
@@ -135,8 +218,8 @@ def classify(event: str, payload: dict, label: str, handle: str) -> Decision:
 
 
 def _issue_trigger(payload: dict, repository: str, installation_id: int) -> Decision:
-    issue = payload["issue"]
-    number = issue["number"]
+    issue = _object(payload, "issue")
+    number = _positive_int(issue, "number")
     return Decision(
         "labeled issue",
         Trigger(
@@ -144,8 +227,8 @@ def _issue_trigger(payload: dict, repository: str, installation_id: int) -> Deci
             repository=repository,
             number=number,
             installation_id=installation_id,
-            author=(payload.get("sender") or {}).get("login", ""),
-            request=issue.get("body") or "",
+            author=_login(_object(payload, "sender")),
+            request=_text(issue, "body"),
             comment_id=None,
             comment_node_id=None,
             reaction_path=f"/repos/{repository}/issues/{number}/reactions",
@@ -161,8 +244,9 @@ def _issue_trigger(payload: dict, repository: str, installation_id: int) -> Deci
 def _issue_comment_trigger(
     payload: dict, repository: str, installation_id: int
 ) -> Decision:
-    issue, comment = payload["issue"], payload["comment"]
-    number = issue["number"]
+    issue, comment = _object(payload, "issue"), _object(payload, "comment")
+    number = _positive_int(issue, "number")
+    comment_id = _positive_int(comment, "id")
     on_pull_request = bool(issue.get("pull_request"))
     return Decision(
         "pull request comment" if on_pull_request else "issue comment",
@@ -171,11 +255,13 @@ def _issue_comment_trigger(
             repository=repository,
             number=number,
             installation_id=installation_id,
-            author=comment["user"]["login"],
-            request=comment["body"],
-            comment_id=comment["id"],
-            comment_node_id=comment.get("node_id"),
-            reaction_path=f"/repos/{repository}/issues/comments/{comment['id']}/reactions",
+            author=_login(_object(comment, "user")),
+            request=_text(comment, "body"),
+            comment_id=comment_id,
+            comment_node_id=_text(comment, "node_id") or None,
+            reaction_path=(
+                f"/repos/{repository}/issues/comments/{comment_id}/reactions"
+            ),
             reply_path=f"/repos/{repository}/issues/{number}/comments",
             path=None,
             line=None,
@@ -188,10 +274,17 @@ def _issue_comment_trigger(
 def _review_comment_trigger(
     payload: dict, repository: str, installation_id: int
 ) -> Decision:
-    pull, comment = payload["pull_request"], payload["comment"]
-    number = pull["number"]
+    pull, comment = _object(payload, "pull_request"), _object(payload, "comment")
+    number = _positive_int(pull, "number")
+    comment_id = _positive_int(comment, "id")
     # GitHub takes replies only to a thread's first comment.
-    thread_id = comment.get("in_reply_to_id") or comment["id"]
+    thread_id = (
+        _positive_int(comment, "in_reply_to_id")
+        if comment.get("in_reply_to_id") is not None
+        else comment_id
+    )
+    line = comment.get("line") or comment.get("original_line")
+    head = pull.get("head") if isinstance(pull.get("head"), dict) else {}
     return Decision(
         "inline review comment",
         Trigger(
@@ -199,15 +292,17 @@ def _review_comment_trigger(
             repository=repository,
             number=number,
             installation_id=installation_id,
-            author=comment["user"]["login"],
-            request=comment["body"],
-            comment_id=comment["id"],
-            comment_node_id=comment.get("node_id"),
-            reaction_path=f"/repos/{repository}/pulls/comments/{comment['id']}/reactions",
-            reply_path=f"/repos/{repository}/pulls/{number}/comments/{thread_id}/replies",
-            path=comment.get("path"),
-            line=comment.get("line") or comment.get("original_line"),
-            diff_hunk=comment.get("diff_hunk"),
-            head_ref=(pull.get("head") or {}).get("ref"),
+            author=_login(_object(comment, "user")),
+            request=_text(comment, "body"),
+            comment_id=comment_id,
+            comment_node_id=_text(comment, "node_id") or None,
+            reaction_path=f"/repos/{repository}/pulls/comments/{comment_id}/reactions",
+            reply_path=(
+                f"/repos/{repository}/pulls/{number}/comments/{thread_id}/replies"
+            ),
+            path=_text(comment, "path") or None,
+            line=line if type(line) is int else None,
+            diff_hunk=_text(comment, "diff_hunk") or None,
+            head_ref=_text(head, "ref") or None,
         ),
     )

@@ -287,3 +287,34 @@ def test_every_log_line_about_a_delivery_names_it(running: Stack) -> None:
     assert {
         event for event in events if any(f" {event} " in line for line in mine)
     } == (events)
+
+
+def test_hostile_deliveries_get_a_verdict_and_the_pools_keep_working(
+    running: Stack,
+) -> None:
+    walking = json.dumps(
+        {
+            "action": "created",
+            "installation": {"id": 4001},
+            "repository": {"full_name": "octo-user/../../admin"},
+            "issue": {"number": 1},
+            "comment": {"id": 1, "body": "@openhands", "user": {"login": "x"}},
+        }
+    ).encode()
+    depth = 900
+    deep = b'{"action": "created", "x": ' + b"[" * depth + b"]" * depth + b"}"
+    walking_id, deep_id = str(uuid.uuid4()), str(uuid.uuid4())
+
+    for delivery_id, body in ((walking_id, walking), (deep_id, deep)):
+        response = send_delivery(
+            running.gateway_url, SECRET, "issue_comment", body, delivery_id
+        )
+        assert response.status_code == 202
+    normal_id, _ = running.send("issue_comment.created.json", "issue_comment")
+
+    assert verdict_of(running, walking_id).reason == (
+        "malformed payload: repository.full_name is not owner/name"
+    )
+    assert verdict_of(running, deep_id).verdict in {"ignored", "failed"}
+    assert callback_of(running, normal_id).status == "posted"
+    assert len(running.fake.comments()) == 1

@@ -17,7 +17,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from config.logging import bound_delivery
 from config.settings import Settings, load_settings
-from webhook_gateway.dedup import claim_delivery
+from webhook_gateway.dedup import Deduplicator
 from webhook_gateway.signature import is_valid_signature
 from workers.celery_app import CLASSIFY_TASK, create_celery
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 EVENTS_PATH = "/integration/github/events"
 _EVENT_NAME = re.compile(r"[a-z_]{1,64}")
-_DELIVERY_ID = re.compile(r"[A-Za-z0-9-]{1,72}")
+_DELIVERY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,71}")
 
 bp = Blueprint("github_events", __name__)
 
@@ -36,7 +36,7 @@ class Gateway:
 
     settings: Settings
     secret: bytes
-    redis: redis.Redis
+    deduplicator: Deduplicator
     celery: Celery
 
 
@@ -49,13 +49,38 @@ def _refuse(status: int, reason: str, message: str) -> tuple[Response, int]:
     return jsonify(reason=reason, message=message), status
 
 
-def _parse_payload(raw: bytes, content_type: str) -> dict | None:
-    """Return the JSON object of a JSON or form-encoded delivery, or None."""
-    if content_type == "application/x-www-form-urlencoded":
-        fields = parse_qs(raw.decode("ascii"), strict_parsing=True)
-        raw = fields["payload"][0].encode()
-    payload = json.loads(raw)
-    return payload if isinstance(payload, dict) else None
+def _read_body(limit: int) -> bytes | None:
+    """Return the raw body, or None when it is longer than `limit` bytes."""
+    if request.content_length is not None:
+        if request.content_length > limit:
+            return None
+        return request.get_data(cache=False)
+    # Chunked: no length up front, so read one byte past the limit to notice it.
+    body = bytearray()
+    while len(body) <= limit:
+        chunk = request.stream.read(min(1 << 16, limit + 1 - len(body)))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+    return None
+
+
+def _payload_text(raw: bytes, content_type: str) -> str | None:
+    """Return the JSON text of a JSON or form-encoded delivery if it is an object.
+
+    The text, not the parsed object, is what gets queued: the worker parses it
+    again, and nothing between needs to walk its nesting.
+    """
+    try:
+        if content_type == "application/x-www-form-urlencoded":
+            fields = parse_qs(raw.decode("ascii"), strict_parsing=True)
+            text = fields["payload"][0]
+        else:
+            text = raw.decode("utf-8")
+        payload = json.loads(text)
+    except (ValueError, KeyError, RecursionError):
+        return None
+    return text if isinstance(payload, dict) else None
 
 
 @bp.post(EVENTS_PATH)
@@ -78,9 +103,9 @@ def _receive(gateway: Gateway, delivery_id: str) -> tuple[Response, int]:
         )
 
     limit = gateway.settings.HOOKLINE_MAX_BODY_BYTES
-    if request.content_length is not None and request.content_length > limit:
+    raw = _read_body(limit)
+    if raw is None:
         return _refuse(413, "body_too_large", f"Bodies over {limit} bytes are refused.")
-    raw = request.get_data(cache=False)
 
     signature = request.headers.get("X-Hub-Signature-256")
     if not is_valid_signature(gateway.secret, raw, signature):
@@ -105,25 +130,16 @@ def _receive(gateway: Gateway, delivery_id: str) -> tuple[Response, int]:
             "unsupported_content_type",
             "Send application/json or application/x-www-form-urlencoded.",
         )
-    try:
-        payload = _parse_payload(raw, content_type)
-    except (ValueError, KeyError):
-        payload = None
-    if payload is None:
+    text = _payload_text(raw, content_type)
+    if text is None:
         return _refuse(400, "malformed_payload", "The body is not a JSON object.")
 
     if event == "ping":
-        log.info("delivery.ping", extra={"hook_id": payload.get("hook_id")})
+        log.info("delivery.ping")
         return jsonify(status="pong", delivery=delivery_id), 200
 
     try:
-        claim = claim_delivery(
-            gateway.redis,
-            delivery_id,
-            raw,
-            gateway.settings.HOOKLINE_DELIVERY_TTL,
-            gateway.settings.HOOKLINE_BODY_TTL,
-        )
+        claim = gateway.deduplicator.claim(delivery_id, raw)
     except redis.RedisError as exc:
         log.error("delivery.dedup_unavailable", extra={"error": type(exc).__name__})
         return _refuse(503, "dedup_unavailable", "Try again: Redis did not answer.")
@@ -134,7 +150,7 @@ def _receive(gateway: Gateway, delivery_id: str) -> tuple[Response, int]:
     try:
         gateway.celery.send_task(
             CLASSIFY_TASK,
-            kwargs={"delivery_id": delivery_id, "event": event, "payload": payload},
+            kwargs={"delivery_id": delivery_id, "event": event, "body": text},
         )
     except Exception as exc:
         # Let go of the claim so that GitHub's redelivery of this id gets through.
@@ -144,9 +160,7 @@ def _receive(gateway: Gateway, delivery_id: str) -> tuple[Response, int]:
             503, "queue_unavailable", "Try again: the broker did not answer."
         )
 
-    log.info(
-        "delivery.accepted", extra={"event": event, "action": payload.get("action")}
-    )
+    log.info("delivery.accepted", extra={"event": event})
     return jsonify(status="queued", delivery=delivery_id), 202
 
 
@@ -156,15 +170,19 @@ def create_app(settings: Settings | None = None) -> Flask:
     secret = settings.require_webhook_secret()
 
     app = Flask(__name__)
-    # Werkzeug refuses a longer body itself, also when it comes chunked.
-    app.config["MAX_CONTENT_LENGTH"] = settings.HOOKLINE_MAX_BODY_BYTES
+    # A second guard: Werkzeug refuses to read past this, whatever the framing.
+    app.config["MAX_CONTENT_LENGTH"] = settings.HOOKLINE_MAX_BODY_BYTES + 1
     app.extensions["hookline"] = Gateway(
         settings=settings,
         secret=secret,
-        redis=redis.Redis.from_url(
-            settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2
+        deduplicator=Deduplicator(
+            redis.Redis.from_url(
+                settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2
+            ),
+            settings.HOOKLINE_DELIVERY_TTL,
+            settings.HOOKLINE_BODY_TTL,
         ),
-        celery=create_celery(settings),
+        celery=create_celery(settings, publisher=True),
     )
     app.register_blueprint(bp)
 

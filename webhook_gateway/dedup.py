@@ -3,11 +3,26 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import redis
 
+log = logging.getLogger(__name__)
+
 DELIVERY_KEY = "hookline:delivery:{}"
 BODY_KEY = "hookline:body:{}"
+
+# Claim the delivery id first and the body only for a new id, so that a replayed
+# id never claims a body it did not deliver. 1: claimed; 0: body seen; -1: id seen.
+_CLAIM = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then
+  return -1
+end
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[2]) then
+  return 0
+end
+return 1
+"""
 
 
 class DeliveryClaim:
@@ -19,27 +34,28 @@ class DeliveryClaim:
 
     def release(self) -> None:
         """Forget the delivery so that GitHub's redelivery of it is accepted."""
-        self._client.delete(*self._keys)
+        try:
+            self._client.delete(*self._keys)
+        except redis.RedisError as exc:
+            # The keys expire by themselves; until then a redelivery is a duplicate.
+            log.error("delivery.release_failed", extra={"error": type(exc).__name__})
 
 
-def claim_delivery(
-    client: redis.Redis,
-    delivery_id: str,
-    body: bytes,
-    delivery_ttl: int,
-    body_ttl: int,
-) -> DeliveryClaim | None:
-    """Claim a delivery; return None when its id or its body was seen recently."""
-    keys = [
-        DELIVERY_KEY.format(delivery_id),
-        BODY_KEY.format(hashlib.sha256(body).hexdigest()),
-    ]
-    pipe = client.pipeline(transaction=False)
-    pipe.set(keys[0], "1", nx=True, ex=delivery_ttl)
-    pipe.set(keys[1], "1", nx=True, ex=body_ttl)
-    new_id, new_body = pipe.execute()
+class Deduplicator:
+    """Claims deliveries in Redis, with the claim script loaded once per process."""
 
-    if new_id and new_body:
-        return DeliveryClaim(client, keys)
-    # Keep whichever key this call did set: the delivery was seen either way.
-    return None
+    def __init__(self, client: redis.Redis, delivery_ttl: int, body_ttl: int) -> None:
+        self._client = client
+        self._claim = client.register_script(_CLAIM)
+        self._ttls = [delivery_ttl, body_ttl]
+
+    def claim(self, delivery_id: str, body: bytes) -> DeliveryClaim | None:
+        """Claim a delivery; return None when its id or its body was seen recently."""
+        # GitHub sends lowercase GUIDs; case must not make a replay look new.
+        keys = [
+            DELIVERY_KEY.format(delivery_id.lower()),
+            BODY_KEY.format(hashlib.sha256(body).hexdigest()),
+        ]
+        if self._claim(keys=keys, args=self._ttls) == 1:
+            return DeliveryClaim(self._client, keys)
+        return None

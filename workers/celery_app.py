@@ -43,16 +43,33 @@ def check_retry_bounds(settings: Settings) -> None:
         )
 
 
-def create_celery(settings: Settings) -> Celery:
-    """Build a Celery app for `settings`; the gateway uses one only to publish."""
+# GitHub waits 10 s for an answer: a publisher that cannot reach the broker must
+# give up within a few seconds so the gateway can still answer 503.
+PUBLISHER_OPTIONS = {
+    "broker_connection_timeout": 2,
+    "broker_connection_retry": False,
+    "task_publish_retry_policy": {
+        "max_retries": 1,
+        "interval_start": 0,
+        "interval_step": 0.2,
+        "interval_max": 0.2,
+    },
+}
+
+
+def create_celery(settings: Settings, publisher: bool = False) -> Celery:
+    """Build a Celery app for `settings`; `publisher` for one that only publishes."""
     check_retry_bounds(settings)
+    transport_options: dict[str, object] = {
+        "visibility_timeout": settings.CELERY_VISIBILITY_TIMEOUT
+    }
+    if publisher:
+        transport_options |= {"socket_timeout": 2, "socket_connect_timeout": 2}
     app = Celery("hookline")
     app.conf.update(
         broker_url=settings.broker_url,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={
-            "visibility_timeout": settings.CELERY_VISIBILITY_TIMEOUT
-        },
+        broker_transport_options=transport_options,
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
@@ -72,6 +89,10 @@ def create_celery(settings: Settings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # Every task but the agent run talks to GitHub and the database a few times;
+        # one stuck for minutes is a bug or an attack, and must free its worker.
+        task_soft_time_limit=90,
+        task_time_limit=120,
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
         task_send_sent_event=True,
@@ -85,6 +106,8 @@ def create_celery(settings: Settings) -> Celery:
             "tasks.callbacks",
         ),
     )
+    if publisher:
+        app.conf.update(PUBLISHER_OPTIONS)
     return app
 
 

@@ -7,7 +7,10 @@ count exactly the messages a request queued.
 from __future__ import annotations
 
 import base64
+import io
 import json
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from urllib.parse import urlencode
@@ -23,6 +26,8 @@ from webhook_gateway.signature import sign
 
 QUIET_BROKER_URL = "redis://127.0.0.1:6379/12"
 BODY = fixture_bytes("issue_comment.created.json")
+# What gunicorn tells the app for a chunked body: read the stream to its end.
+CHUNKED = {"wsgi.input_terminated": True}
 
 
 def gateway(**overrides: object) -> FlaskClient:
@@ -91,7 +96,7 @@ def test_signed_delivery_is_queued_once_and_answered_202(client, broker) -> None
         {
             "delivery_id": delivery_id,
             "event": "issue_comment",
-            "payload": json.loads(BODY),
+            "body": BODY.decode(),
         }
     ]
 
@@ -101,7 +106,7 @@ def test_form_encoded_delivery_is_verified_on_raw_bytes(client, broker) -> None:
     response = post(client, body, content_type="application/x-www-form-urlencoded")
 
     assert response.status_code == 202
-    assert queued(broker)[0]["payload"] == json.loads(BODY)
+    assert queued(broker)[0]["body"] == BODY.decode()
 
 
 @pytest.mark.parametrize(
@@ -140,8 +145,15 @@ def test_signature_of_a_different_body_is_refused(client, broker) -> None:
 
 @pytest.mark.parametrize(
     ("event", "delivery_id"),
-    [(None, None), ("", None), ("Issue Comment", None), ("issues", "not/a guid")],
-    ids=["no-event", "empty-event", "bad-event", "bad-delivery-id"],
+    [
+        (None, None),
+        ("", None),
+        ("Issue Comment", None),
+        ("issues", "not/a guid"),
+        ("issues", "-"),
+        ("issues", "a" * 73),
+    ],
+    ids=["no-event", "empty-event", "bad-event", "slash-id", "dash-id", "long-id"],
 )
 def test_missing_or_malformed_headers_get_400(client, broker, event, delivery_id):
     response = post(client, event=event, delivery_id=delivery_id or str(uuid.uuid4()))
@@ -248,3 +260,92 @@ def test_redis_down_answers_503(broker) -> None:
 def test_other_methods_and_paths_are_not_served(client) -> None:
     assert client.get(EVENTS_PATH).status_code == 405
     assert client.post("/integration/github/other", data=BODY).status_code == 404
+
+
+def post_chunked(client: FlaskClient, body: bytes, signed: bytes):
+    """Send `body` with chunked framing and a signature over `signed`."""
+    return client.post(
+        EVENTS_PATH,
+        input_stream=io.BytesIO(body),
+        environ_overrides=CHUNKED,
+        headers={
+            "Content-Type": "application/json",
+            "Transfer-Encoding": "chunked",
+            "X-GitHub-Event": "issue_comment",
+            "X-GitHub-Delivery": str(uuid.uuid4()),
+            "X-Hub-Signature-256": sign(SECRET.encode(), signed),
+        },
+    )
+
+
+def test_chunked_body_over_the_cap_gets_413(redis_client, broker) -> None:
+    body = b'{"padding": "' + b"x" * 2000 + b'"}'
+    # Signed over the first 1000 bytes: a cut body must not pass as whole.
+    response = post_chunked(gateway(HOOKLINE_MAX_BODY_BYTES=1000), body, body[:1000])
+
+    assert response.status_code == 413
+    assert queued(broker) == []
+
+
+def test_chunked_body_within_the_cap_is_accepted(client, broker) -> None:
+    response = post_chunked(client, BODY, BODY)
+
+    assert response.status_code == 202
+    assert queued(broker)[0]["body"] == BODY.decode()
+
+
+def test_json_nested_too_deep_to_parse_gets_400(client, broker) -> None:
+    depth = 100_000
+    body = b'{"a": ' + b"[" * depth + b"]" * depth + b"}"
+    response = post(client, body)
+
+    assert response.status_code == 400
+    assert response.json["reason"] == "malformed_payload"
+    assert queued(broker) == []
+
+
+def test_replayed_id_with_a_new_body_does_not_claim_that_body(client, broker):
+    delivery_id = str(uuid.uuid4())
+    other_body = fixture_bytes("issues.labeled.json")
+
+    first = post(client, delivery_id=delivery_id)
+    replay = post(client, other_body, event="issues", delivery_id=delivery_id)
+    fresh = post(client, other_body, event="issues")
+
+    assert (first.status_code, replay.status_code, fresh.status_code) == (
+        202,
+        200,
+        202,
+    )
+    assert len(queued(broker)) == 2
+
+
+def test_delivery_id_in_another_letter_case_is_a_replay(client, broker) -> None:
+    delivery_id = str(uuid.uuid4())
+    post(client, delivery_id=delivery_id)
+    again = post(client, delivery_id=delivery_id.upper())
+
+    assert again.status_code == 200
+    assert len(queued(broker)) == 1
+
+
+def test_hung_broker_answers_503_in_time_and_releases_the_claim(client, broker):
+    # A listener that accepts connections and never says a word, like a hung broker.
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        port = hung.getsockname()[1]
+        stuck = gateway(CELERY_BROKER_URL=f"redis://127.0.0.1:{port}/0")
+        delivery_id = str(uuid.uuid4())
+
+        started = time.monotonic()
+        refused = post(stuck, delivery_id=delivery_id)
+        waited = time.monotonic() - started
+
+    redelivered = post(client, delivery_id=delivery_id)
+    assert refused.status_code == 503
+    assert refused.json["reason"] == "queue_unavailable"
+    # GitHub gives up after 10 s; the answer must come well before.
+    assert waited < 8
+    assert redelivered.status_code == 202
+    assert len(queued(broker)) == 1
