@@ -46,6 +46,10 @@ class KeyValueFormatter(logging.Formatter):
             for key, value in vars(record).items()
             if key not in _RECORD_ATTRS and not key.startswith("_")
         }
+        if record.name.startswith("celery"):
+            # Celery attaches the whole task (payload included) as `data`; its
+            # message already names the task and its id.
+            fields.pop("data", None)
         parts = [
             self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
             record.levelname,

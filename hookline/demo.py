@@ -20,7 +20,7 @@ import sys
 import textwrap
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import redis
@@ -28,6 +28,7 @@ import requests
 from sqlalchemy import select
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
+from config.settings import Settings
 from hookline.db import session_scope
 from hookline.devtools import free_port, generate_app_key, send_delivery
 from hookline.fake_github import FakeGitHub
@@ -172,12 +173,30 @@ def run(deliveries: Path, timeout: float) -> int:
     print(f"fake GitHub API: {fake.url}   database: {database_url}")
     print(f"logs of every process: {workdir / 'processes.log'}\n")
 
-    release = _procfile_command("release")
-    subprocess.run(release, shell=True, cwd=ROOT, env=env, check=True)  # noqa: S602
-    honcho = Path(sys.executable).with_name("honcho")
+    # honcho would read a .env in the checkout and let it override these: hand it
+    # the demo's own file instead, which also shows what the demo ran with.
+    env_file = workdir / "demo.env"
+    shown = {setting.name for setting in fields(Settings)} | {"WEB_HOST"}
+    env_file.write_text(
+        "".join(f"{name}={env[name]}\n" for name in sorted(shown & env.keys()))
+    )
     log_file = (workdir / "processes.log").open("w")
+    release = _procfile_command("release")
+    subprocess.run(  # noqa: S602
+        release,
+        shell=True,
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+    )
+    honcho = Path(sys.executable).with_name("honcho")
     processes = subprocess.Popen(
-        [str(honcho), "-f", "Procfile", "start", "-p", str(port), *POOLS],
+        [
+            *(str(honcho), "-f", "Procfile", "-e", str(env_file)),
+            *("start", "-p", str(port), *POOLS),
+        ],
         cwd=ROOT,
         env=env,
         stdout=log_file,
@@ -237,6 +256,7 @@ def _send_all(
         failures += not item.ok
         mark = "ok  " if item.ok else "FAIL"
         print(f"{mark} {item.file}  (X-GitHub-Event: {item.event}, HTTP {item.status})")
+        print(f"     delivery  {item.delivery_id}")
         print(f"     expected  {item.expect}")
         for line in item.outcome or ["no outcome recorded in time"]:
             print(textwrap.indent(line, "     "))
@@ -259,7 +279,7 @@ def _replay_checks(
     forged = send_delivery(gateway, "not-the-secret", first.event, body)
     return [
         f"replayed {first.file} with its delivery id: HTTP {again.status_code} "
-        f"{again.json().get('status')}",
+        f"{again.json().get('status') or again.json().get('reason')}",
         f"sent {first.file} signed with a wrong secret: HTTP {forged.status_code} "
         f"{forged.json().get('reason')}",
     ]

@@ -8,6 +8,7 @@ its own and drops it at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg2
+import psycopg2.errors
 import pytest
 import redis
 from alembic import command
@@ -55,12 +57,25 @@ def migrate(database_url: str) -> None:
     command.upgrade(config, "head")
 
 
+def _drop_abandoned_databases(admin: psycopg2.extensions.connection) -> None:
+    """Drop test databases a killed run left behind; one in use refuses the drop."""
+    with admin.cursor() as cursor:
+        cursor.execute(
+            "SELECT datname FROM pg_database"
+            " WHERE datname LIKE 'hookline_test_%' OR datname LIKE 'hookline_migrate_%'"
+        )
+        for (name,) in cursor.fetchall():
+            with contextlib.suppress(psycopg2.errors.ObjectInUse):
+                cursor.execute(f'DROP DATABASE "{name}"')
+
+
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """Create, migrate and finally drop a PostgreSQL database for this session."""
     name = f"hookline_test_{uuid.uuid4().hex[:10]}"
     admin = psycopg2.connect(ADMIN_DATABASE_URL)
     admin.autocommit = True
+    _drop_abandoned_databases(admin)
     with admin.cursor() as cursor:
         cursor.execute(f'CREATE DATABASE "{name}"')
     url = make_url(ADMIN_DATABASE_URL).set(database=name)

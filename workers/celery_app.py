@@ -7,7 +7,7 @@ workers on the same broker.
 from __future__ import annotations
 
 from celery import Celery, signals
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from config.logging import delivery_id_var, setup_logging, task_id_var
 from config.settings import Settings, load_settings
@@ -75,7 +75,7 @@ def create_celery(settings: Settings, publisher: bool = False) -> Celery:
         task_ignore_result=True,
         task_routes=TASK_ROUTES,
         task_queues=[
-            Queue(name)
+            Queue(name, Exchange(name, type="direct"), routing_key=name)
             for name in (
                 CLASSIFY_QUEUE,
                 CONVERSATIONS_QUEUE,
