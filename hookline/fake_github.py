@@ -95,6 +95,7 @@ class _Failure:
     headers: dict[str, str]
     body: dict | None
     delay: float
+    late_answer: bool = False
 
 
 @dataclass
@@ -193,6 +194,7 @@ class FakeGitHub:
         self._issues: dict[tuple[str, int], _Issue] = {}
         self._issue_comments: dict[tuple[str, int], list[dict]] = {}
         self._comments: list[dict] = []
+        self._review_comments: dict[tuple[str, int], list[dict]] = {}
         self._reactions: list[dict] = []
         self._reactions_by_key: dict[tuple[int, str, str], dict] = {}
 
@@ -260,6 +262,7 @@ class FakeGitHub:
             self._issues.clear()
             self._issue_comments.clear()
             self._comments.clear()
+            self._review_comments.clear()
             self._reactions.clear()
             self._reactions_by_key.clear()
 
@@ -295,10 +298,13 @@ class FakeGitHub:
         headers: dict[str, str] | None = None,
         body: dict | None = None,
         delay: float = 0.0,
+        late_answer: bool = False,
     ) -> None:
         """Answer the next `times` matching requests with `status` after `delay`.
 
-        Status 0 only delays: the request then gets its normal answer.
+        Status 0 only delays: the request then gets its normal answer. With
+        `late_answer`, it takes effect at once and only the answer is delayed, as
+        when GitHub has stored a comment but the reply never reaches the client.
         """
         if status != 0 and not 100 <= status <= 599:
             raise ValueError(f"status must be 0 or an HTTP status, not {status}")
@@ -316,6 +322,7 @@ class FakeGitHub:
             headers=dict(headers or {}),
             body=body,
             delay=delay,
+            late_answer=late_answer,
         )
         with self._lock:
             self._failures.append(failure)
@@ -460,6 +467,7 @@ class FakeGitHub:
             f"{repo}/issues/<int:number>/comments", self._create_issue_comment, "POST"
         )
         route(f"{repo}/pulls/<int:number>", self._get_pull, "GET")
+        route(f"{repo}/pulls/<int:number>/comments", self._list_review_comments, "GET")
         route(
             f"{repo}/pulls/<int:number>/comments/<int:comment_id>/replies",
             self._create_review_reply,
@@ -500,7 +508,9 @@ class FakeGitHub:
                     "delay": failure.delay,
                 },
             )
-            if failure.status == 0:
+            if failure.status == 0 and failure.late_answer:
+                g.late_answer = failure.delay
+            elif failure.status == 0:
                 time.sleep(failure.delay)
             else:
                 return self._injected_failure(failure)
@@ -535,6 +545,7 @@ class FakeGitHub:
     def _after_request(self, response: Response) -> Response:
         if request.path.startswith(CONTROL_PREFIX):
             return response
+        time.sleep(g.get("late_answer", 0.0))
         injected = g.get("recorded", False)
         if not injected:
             self._record(response.status_code)
@@ -678,7 +689,21 @@ class FakeGitHub:
         with self._lock:
             key = (f"{owner}/{repo}".lower(), number)
             thread = list(self._issue_comments.get(key, []))
+        return self._page(thread, per_page, page)
 
+    def _list_review_comments(self, owner: str, repo: str, number: int) -> Response:
+        per_page = min(max(request.args.get("per_page", 30, type=int), 1), 100)
+        page = max(request.args.get("page", 1, type=int), 1)
+        with self._lock:
+            key = (f"{owner}/{repo}".lower(), number)
+            thread = list(self._review_comments.get(key, []))
+        return self._page(thread, per_page, page)
+
+    def _page(self, thread: list[dict], per_page: int, page: int) -> Response:
+        # GitHub's `since`: only comments updated at or after that ISO 8601 time.
+        since = request.args.get("since")
+        if since:
+            thread = [c for c in thread if c.get("updated_at", "") >= since]
         start = (page - 1) * per_page
         response = jsonify(thread[start : start + per_page])
         last_page = max((len(thread) + per_page - 1) // per_page, 1)
@@ -813,6 +838,9 @@ class FakeGitHub:
                 "created_at": now,
                 "updated_at": now,
             }
+            self._review_comments.setdefault((repository.lower(), number), []).append(
+                reply
+            )
             self._comments.append(
                 {
                     "id": reply_id,

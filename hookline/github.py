@@ -192,10 +192,23 @@ class GitHubClient:
         """Return an issue or pull request seen as an issue."""
         return self._call("GET", f"/repos/{repository}/issues/{number}")
 
-    def issue_comments(self, repository: str, number: int, limit: int = 100) -> list:
-        """Return up to `limit` of the oldest comments on an issue or pull request."""
+    def issue_comments(
+        self, repository: str, number: int, limit: int = 100, since: str | None = None
+    ) -> list:
+        """Return up to `limit` of the oldest comments on an issue or pull request.
+
+        `since` (ISO 8601) keeps only comments updated at or after that time.
+        """
         path = f"/repos/{repository}/issues/{number}/comments"
-        return self._call("GET", path, params={"per_page": min(limit, 100)})[:limit]
+        params: dict[str, object] = {"per_page": min(limit, 100)}
+        if since:
+            params["since"] = since
+        return self._call("GET", path, params=params)[:limit]
+
+    def review_comments(self, repository: str, number: int, since: str) -> list:
+        """Return up to 100 review comments on a pull request updated since `since`."""
+        path = f"/repos/{repository}/pulls/{number}/comments"
+        return self._call("GET", path, params={"per_page": 100, "since": since})
 
     def pull_request(self, repository: str, number: int) -> dict:
         """Return a pull request, with its head branch."""

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import uuid
+from datetime import timedelta
 
 from celery import Task
 from sqlalchemy import select
 
 from hookline.db import session_scope
-from hookline.github import GitHubError, TransientGitHubError
+from hookline.github import GitHubClient, GitHubError, TransientGitHubError
 from hookline.models import Callback, CallbackStatus, Conversation, ConversationStatus
 from tasks import common
 from tasks.rendering import render
@@ -22,22 +23,49 @@ from workers.celery_app import POST_CALLBACK_TASK, app
 log = logging.getLogger(__name__)
 
 
+def marker(conversation_id: uuid.UUID, event: str) -> str:
+    """Return the hidden mark that identifies one callback's comment on GitHub."""
+    return f"hookline:callback={conversation_id}/{event}"
+
+
 def callback_body(conversation: Conversation, handle: str, override_dir: str) -> str:
-    """Render the comment that reports how a conversation ended."""
+    """Render the comment that reports how a conversation ended, with its mark."""
     if conversation.status == ConversationStatus.FINISHED:
-        return render(
+        text = render(
             "finished.j2",
             override_dir,
             conversation=conversation,
             result=conversation.result or "",
         )
-    return render(
-        "error.j2",
-        override_dir,
-        conversation=conversation,
-        handle=handle,
-        reason=conversation.error or "the agent stopped with an error",
-    )
+    else:
+        text = render(
+            "error.j2",
+            override_dir,
+            conversation=conversation,
+            handle=handle,
+            reason=conversation.error or "the agent stopped with an error",
+        )
+    # Appended here, not in the templates, so an operator's template cannot drop
+    # what makes a repeated post detectable.
+    return f"{text}\n\n<!-- {marker(conversation.id, conversation.status)} -->"
+
+
+def find_posted(
+    client: GitHubClient, conversation: Conversation, callback: Callback
+) -> dict | None:
+    """Return the comment an earlier attempt of this callback posted, if any."""
+    # A minute of slack for clocks; GitHub filters on the comment's update time.
+    since = (callback.created_at - timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if conversation.kind == "review_comment":
+        comments = client.review_comments(
+            conversation.repository, conversation.number, since
+        )
+    else:
+        comments = client.issue_comments(
+            conversation.repository, conversation.number, since=since
+        )
+    mark = marker(conversation.id, callback.event)
+    return next((c for c in comments if mark in (c.get("body") or "")), None)
 
 
 def _load(
@@ -53,13 +81,27 @@ def _load(
 
 
 def _record(
-    database_url: str, callback_id: int, attempted: bool = True, **values: object
+    database_url: str, callback_id: int, attempted: bool = False, **values: object
 ) -> None:
     with session_scope(database_url) as session:
         callback = session.get_one(Callback, callback_id)
         callback.attempts += int(attempted)
         for name, value in values.items():
             setattr(callback, name, value)
+
+
+def post(conversation: Conversation, callback: Callback, body: str) -> dict:
+    """Post a callback's comment once, even if an earlier attempt died mid-way."""
+    client = common.installation_client(conversation.installation_id)
+    if callback.attempts:
+        # An earlier attempt may have posted and died before recording it.
+        earlier = find_posted(client, conversation, callback)
+        if earlier is not None:
+            log.info("callback.found_posted", extra={"comment": earlier.get("id")})
+            return earlier
+    # Counted before the POST, so that a crash after it still leaves a trace.
+    _record(common.settings().DATABASE_URL, callback.id, attempted=True)
+    return client.create_comment(conversation.reply_path, body)
 
 
 @app.task(name=POST_CALLBACK_TASK, bind=True, **common.OUTAGE_RETRY)
@@ -76,12 +118,11 @@ def post_callback(
 
     body = callback_body(conversation, config.bot_handle, config.HOOKLINE_TEMPLATES_DIR)
     try:
-        client = common.installation_client(conversation.installation_id)
-        comment = client.create_comment(conversation.reply_path, body)
+        comment = post(conversation, callback, body)
     except TransientGitHubError as exc:
         _record(url, callback.id, last_error=str(exc))
         common.retry_later(self, exc)
-        _record(url, callback.id, attempted=False, status=CallbackStatus.FAILED.value)
+        _record(url, callback.id, status=CallbackStatus.FAILED.value)
         log.error("callback.gave_up", extra={"error": str(exc), "event": event})
         return CallbackStatus.FAILED.value
     except GitHubError as exc:

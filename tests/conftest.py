@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg2
@@ -148,6 +148,7 @@ class Stack:
     settings: Settings
     fake: FakeGitHub
     logs: Path
+    workers: dict[str, int] = field(default_factory=dict)  # name: main pid
 
     def send(
         self, name: str, event: str, delivery_id: str | None = None
@@ -227,7 +228,16 @@ def launched(
             30,
             "gunicorn starting",
         )
-        yield Stack(f"http://127.0.0.1:{port}", load_settings(environment), fake, logs)
+        yield Stack(
+            f"http://127.0.0.1:{port}",
+            load_settings(environment),
+            fake,
+            logs,
+            {
+                name: process.pid
+                for name, process in zip(workers, processes[1:], strict=True)
+            },
+        )
     finally:
         for process in processes:
             os.killpg(process.pid, signal.SIGTERM)

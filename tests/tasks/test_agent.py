@@ -160,5 +160,5 @@ def test_run_whose_worker_died_is_finished_after_the_sweep(running, settings) ->
     time.sleep(0.5)
     (comment,) = running.fake.comments()
     assert comment["path"] == "/repos/octo-user/Hello-World/issues/1/comments"
-    assert f"hookline:conversation={conversation_id}" in comment["body"]
+    assert f"hookline:callback={conversation_id}/finished" in comment["body"]
     assert load(settings.DATABASE_URL, conversation_id).status == "finished"

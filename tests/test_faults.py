@@ -1,0 +1,45 @@
+"""Workers killed mid-task: the job still completes, and GitHub sees it once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from tests.conftest import Stack
+from tests.test_pipeline import callback_of
+
+
+def pool_children(stack: Stack, pool: str) -> list[int]:
+    """Return the pids of the processes that run a pool's tasks."""
+    pid = stack.workers[pool]
+    return [
+        int(child)
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    ]
+
+
+def test_callback_worker_killed_after_github_took_the_comment_posts_once(
+    running: Stack,
+) -> None:
+    # GitHub stores the comment at once but its answer is 5 s late: the worker
+    # is killed while it waits, as an OOM kill or a deploy would do.
+    running.fake.fail_next("POST", r"/issues/1/comments$", 0, delay=5, late_answer=True)
+    delivery_id, _ = running.send("issue_comment.created.json", "issue_comment")
+
+    assert running.fake.wait_for(lambda fake: fake.comments(), timeout=30)
+    for child in pool_children(running, "callbacks"):
+        os.kill(child, signal.SIGKILL)
+
+    callback = callback_of(running, delivery_id)
+    # The fake records the first POST once its late answer has gone out.
+    assert running.fake.wait_for(
+        lambda fake: fake.requests("POST", "/issues/1/comments"), timeout=10
+    )
+    time.sleep(0.5)
+    assert callback.status == "posted"
+    assert len(running.fake.comments()) == 1
+    assert len(running.fake.requests("POST", "/issues/1/comments")) == 1
+    assert callback.github_comment_id == running.fake.comments()[0]["id"]
+    assert "callback.found_posted" in running.log_text()
