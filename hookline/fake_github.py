@@ -684,22 +684,22 @@ class FakeGitHub:
         return jsonify(self._issue_payload(owner, repo, number))
 
     def _list_comments(self, owner: str, repo: str, number: int) -> Response:
-        per_page = min(max(request.args.get("per_page", 30, type=int), 1), 100)
-        page = max(request.args.get("page", 1, type=int), 1)
-        with self._lock:
-            key = (f"{owner}/{repo}".lower(), number)
-            thread = list(self._issue_comments.get(key, []))
-        return self._page(thread, per_page, page)
+        return self._page(self._issue_comments, owner, repo, number)
 
     def _list_review_comments(self, owner: str, repo: str, number: int) -> Response:
+        return self._page(self._review_comments, owner, repo, number)
+
+    def _page(
+        self,
+        threads: dict[tuple[str, int], list[dict]],
+        owner: str,
+        repo: str,
+        number: int,
+    ) -> Response:
         per_page = min(max(request.args.get("per_page", 30, type=int), 1), 100)
         page = max(request.args.get("page", 1, type=int), 1)
         with self._lock:
-            key = (f"{owner}/{repo}".lower(), number)
-            thread = list(self._review_comments.get(key, []))
-        return self._page(thread, per_page, page)
-
-    def _page(self, thread: list[dict], per_page: int, page: int) -> Response:
+            thread = list(threads.get((f"{owner}/{repo}".lower(), number), []))
         # GitHub's `since`: only comments updated at or after that ISO 8601 time.
         since = request.args.get("since")
         if since:
