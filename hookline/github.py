@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -119,10 +120,15 @@ class GitHubApp:
         expires_at = datetime.fromisoformat(body["expires_at"].replace("Z", "+00:00"))
         return body["token"], expires_at.timestamp() - time.time()
 
-    def installation_token(self, installation_id: int, cache: redis.Redis) -> str:
-        """Return a cached installation token, minting one when none is fresh."""
+    def installation_token(
+        self, installation_id: int, cache: redis.Redis, fresh: bool = False
+    ) -> str:
+        """Return a cached installation token, minting one when none is fresh.
+
+        `fresh` mints a new one whatever the cache holds (GitHub refused the old).
+        """
         key = TOKEN_KEY.format(installation_id)
-        cached = cache.get(key)
+        cached = None if fresh else cache.get(key)
         if cached:
             return cached.decode()
         token, lifetime = self.mint_installation_token(installation_id)
@@ -161,27 +167,80 @@ def _send(
     return check_response(response)
 
 
-class GitHubClient:
-    """Calls made as one installation, with its token."""
+class WriteBudget:
+    """A per-installation allowance of content-creating requests, shared in Redis.
+
+    GitHub's secondary limits forbid more than 80 such requests a minute; every
+    worker spends from the same count, so the pools together stay below it.
+    """
 
     def __init__(
-        self, api_url: str, token: str, timeout: float, session: requests.Session
+        self, cache: redis.Redis, installation_id: int, per_minute: int = 80
+    ) -> None:
+        self._cache = cache
+        self._installation_id = installation_id
+        self._per_minute = per_minute
+
+    def spend(self) -> None:
+        """Take one request from this minute's allowance, or say when to come back."""
+        now = time.time()
+        key = f"hookline:write-budget:{self._installation_id}:{int(now // 60)}"
+        pipe = self._cache.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, 120)
+        spent, _ = pipe.execute()
+        if spent > self._per_minute:
+            raise TransientGitHubError(
+                f"installation {self._installation_id} spent its "
+                f"{self._per_minute} writes for this minute",
+                retry_after=60 - now % 60,
+            )
+
+
+class GitHubClient:
+    """Calls made as one installation, with its token.
+
+    `token` is a token, or a function that returns one and mints a new one when
+    asked for a fresh one: GitHub's 401 for a token is answered by one fresh try.
+    """
+
+    def __init__(
+        self,
+        api_url: str,
+        token: str | Callable[[bool], str],
+        timeout: float,
+        session: requests.Session,
+        budget: WriteBudget | None = None,
     ) -> None:
         self._api_url = api_url.rstrip("/")
-        self._token = token
+        self._tokens = token if callable(token) else lambda _fresh: token
         self._timeout = timeout
         self._session = session
+        self._budget = budget
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = _send(
+        if method != "GET" and self._budget is not None:
+            self._budget.spend()
+        try:
+            response = self._send(method, path, False, **kwargs)
+        except PermanentGitHubError as exc:
+            if exc.status != 401:
+                raise
+            log.warning("github.token_rejected", extra={"path": path})
+            response = self._send(method, path, True, **kwargs)
+        return response.json() if response.content else None
+
+    def _send(
+        self, method: str, path: str, fresh_token: bool, **kwargs: Any
+    ) -> requests.Response:
+        return _send(
             self._session,
             method,
             self._api_url + path,
             self._timeout,
-            headers={"Authorization": f"token {self._token}"},
+            headers={"Authorization": f"token {self._tokens(fresh_token)}"},
             **kwargs,
         )
-        return response.json() if response.content else None
 
     def permission(self, repository: str, login: str) -> str:
         """Return `login`'s permission on `repository`: admin, write, read or none."""

@@ -104,7 +104,9 @@ def post(conversation: Conversation, callback: Callback, body: str) -> dict:
     return client.create_comment(conversation.reply_path, body)
 
 
-@app.task(name=POST_CALLBACK_TASK, bind=True, **common.OUTAGE_RETRY)
+@app.task(
+    name=POST_CALLBACK_TASK, bind=True, base=common.GuardedTask, **common.OUTAGE_RETRY
+)
 def post_callback(
     self: Task, conversation_id: str, event: str, delivery_id: str
 ) -> str:

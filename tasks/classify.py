@@ -97,7 +97,7 @@ def _parse(body: str) -> dict | None:
     return payload if isinstance(payload, dict) else None
 
 
-@app.task(name=CLASSIFY_TASK, bind=True, **common.OUTAGE_RETRY)
+@app.task(name=CLASSIFY_TASK, bind=True, base=common.GuardedTask, **common.OUTAGE_RETRY)
 def classify_delivery(self: Task, delivery_id: str, event: str, body: str) -> str:
     """Decide what a delivery asks for and hand a job to the conversation pool."""
     config = common.settings()

@@ -13,7 +13,13 @@ from celery import Task
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from config.settings import Settings, load_settings
-from hookline.github import GitHubApp, GitHubClient, TransientGitHubError
+from hookline.github import (
+    GitHubApp,
+    GitHubClient,
+    TransientGitHubError,
+    WriteBudget,
+)
+from workers.celery_app import OUTAGE_BACKOFF_MAX
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +35,7 @@ OUTAGES = (
 OUTAGE_RETRY = {
     "autoretry_for": OUTAGES,
     "retry_backoff": True,
-    "retry_backoff_max": 300,
+    "retry_backoff_max": OUTAGE_BACKOFF_MAX,
     "retry_jitter": True,
     "max_retries": 10,
 }
@@ -70,12 +76,21 @@ def github_app() -> GitHubApp:
 
 def installation_client(installation_id: int) -> GitHubClient:
     """Return a client acting as one installation of the App."""
-    token = github_app().installation_token(installation_id, redis_client())
+
+    tokens: list[str] = []
+
+    def token(fresh: bool) -> str:
+        if fresh or not tokens:
+            app = github_app()
+            tokens[:] = [app.installation_token(installation_id, redis_client(), fresh)]
+        return tokens[0]
+
     return GitHubClient(
         settings().GITHUB_API_URL,
         token,
         settings().HOOKLINE_GITHUB_TIMEOUT,
         http_session(),
+        WriteBudget(redis_client(), installation_id),
     )
 
 
@@ -105,3 +120,38 @@ def retry_later(task: Task, exc: TransientGitHubError) -> None:
         },
     )
     raise task.retry(exc=exc, countdown=countdown, max_retries=None)
+
+
+# A message whose worker dies under it is delivered again (acks_late with
+# reject_on_worker_lost); one that kills every worker it reaches would loop forever.
+MAX_STARTS_PER_ATTEMPT = 3
+
+
+def may_start(cache: redis.Redis, task_id: str, retries: int) -> bool:
+    """Count a start of this attempt of a task; False once it started too often."""
+    key = f"hookline:task-starts:{task_id}:{retries}"
+    try:
+        pipe = cache.pipeline(transaction=False)
+        pipe.incr(key)
+        pipe.expire(key, 24 * 3600)
+        starts, _ = pipe.execute()
+    except redis.RedisError:
+        # Without the count, run it: losing the cap is better than losing the task.
+        return True
+    return starts <= MAX_STARTS_PER_ATTEMPT
+
+
+class GuardedTask(Task):
+    """A task that stops being run after its workers died under it too often."""
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        request = self.request
+        if not request.called_directly and not may_start(
+            redis_client(), request.id, request.retries
+        ):
+            log.error(
+                "task.poisoned",
+                extra={"task_name": self.name, "starts": MAX_STARTS_PER_ATTEMPT + 1},
+            )
+            return None
+        return super().__call__(*args, **kwargs)

@@ -111,7 +111,12 @@ def queue_run(conversation_id: uuid.UUID, delivery_id: str) -> None:
     )
 
 
-@app.task(name=START_CONVERSATION_TASK, bind=True, **common.OUTAGE_RETRY)
+@app.task(
+    name=START_CONVERSATION_TASK,
+    bind=True,
+    base=common.GuardedTask,
+    **common.OUTAGE_RETRY,
+)
 def start_conversation(self: Task, delivery_id: str, trigger: Trigger) -> str | None:
     """Start the conversation a trigger asks for, once per delivery."""
     config = common.settings()

@@ -10,7 +10,7 @@ from celery import Celery, signals
 from kombu import Exchange, Queue
 
 from config.logging import delivery_id_var, setup_logging, task_id_var
-from config.settings import Settings, load_settings
+from config.settings import ConfigError, Settings, load_settings
 
 CLASSIFY_QUEUE = "classify"
 CONVERSATIONS_QUEUE = "conversations"
@@ -32,15 +32,32 @@ TASK_ROUTES = {
 }
 
 
-def check_retry_bounds(settings: Settings) -> None:
-    """Refuse a retry delay that the Redis broker would redeliver while it waits."""
-    # A task waiting on a countdown stays unacked in its worker; past the visibility
-    # timeout Redis hands a copy to another worker and the task runs twice.
-    if settings.HOOKLINE_RETRY_MAX_DELAY >= settings.CELERY_VISIBILITY_TIMEOUT:
-        raise ValueError(
-            "HOOKLINE_RETRY_MAX_DELAY must be below CELERY_VISIBILITY_TIMEOUT, or a "
-            "retried task is delivered twice by the Redis broker."
-        )
+# Every task but the agent run talks to GitHub and the database a few times; one
+# stuck for minutes is a bug or an attack, and must free its worker.
+SHORT_TASK_SOFT_LIMIT = 90
+SHORT_TASK_TIME_LIMIT = 120
+# The longest wait between retries when the database, Redis or the broker is down.
+OUTAGE_BACKOFF_MAX = 300
+
+
+def check_broker_safety(settings: Settings) -> None:
+    """Refuse settings under which the Redis broker would run a task twice."""
+    if not settings.broker_url.startswith(("redis://", "rediss://", "unix://")):
+        return
+    # A task that runs, or waits on a retry countdown, stays unacknowledged in its
+    # worker; past the visibility timeout Redis hands a copy to another worker.
+    visibility = settings.CELERY_VISIBILITY_TIMEOUT
+    holds = {
+        "HOOKLINE_RETRY_MAX_DELAY": settings.HOOKLINE_RETRY_MAX_DELAY,
+        "the task time limit": SHORT_TASK_TIME_LIMIT,
+        "the outage retry backoff": OUTAGE_BACKOFF_MAX,
+    }
+    for name, seconds in holds.items():
+        if seconds >= visibility:
+            raise ConfigError(
+                f"CELERY_VISIBILITY_TIMEOUT={visibility:g} s is not above {name} "
+                f"({seconds:g} s): the Redis broker would deliver such a task twice."
+            )
 
 
 # GitHub waits 10 s for an answer: a publisher that cannot reach the broker must
@@ -59,7 +76,7 @@ PUBLISHER_OPTIONS = {
 
 def create_celery(settings: Settings, publisher: bool = False) -> Celery:
     """Build a Celery app for `settings`; `publisher` for one that only publishes."""
-    check_retry_bounds(settings)
+    check_broker_safety(settings)
     transport_options: dict[str, object] = {
         "visibility_timeout": settings.CELERY_VISIBILITY_TIMEOUT
     }
@@ -89,10 +106,8 @@ def create_celery(settings: Settings, publisher: bool = False) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        # Every task but the agent run talks to GitHub and the database a few times;
-        # one stuck for minutes is a bug or an attack, and must free its worker.
-        task_soft_time_limit=90,
-        task_time_limit=120,
+        task_soft_time_limit=SHORT_TASK_SOFT_LIMIT,
+        task_time_limit=SHORT_TASK_TIME_LIMIT,
         worker_hijack_root_logger=False,
         worker_send_task_events=True,
         task_send_sent_event=True,

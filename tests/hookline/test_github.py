@@ -20,6 +20,7 @@ from hookline.github import (
     GitHubClient,
     PermanentGitHubError,
     TransientGitHubError,
+    WriteBudget,
 )
 from tests.conftest import APP_ID
 
@@ -311,3 +312,52 @@ def test_permission_reports_a_lowered_role(
     fake_github.set_permission(REPOSITORY, "octo-user", "read")
 
     assert client.permission(REPOSITORY, "octo-user") == "read"
+
+
+def test_write_budget_refuses_past_its_allowance_until_the_next_minute(
+    redis_client,
+) -> None:
+    budget = WriteBudget(redis_client, installation_id=987_001, per_minute=3)
+    for key in redis_client.scan_iter("hookline:write-budget:987001:*"):
+        redis_client.delete(key)
+
+    for _ in range(3):
+        budget.spend()
+    with pytest.raises(TransientGitHubError) as refused:
+        budget.spend()
+
+    assert 0 < refused.value.retry_after <= 60
+    assert refused.value.status == 0
+
+
+def test_spent_budget_stops_a_write_before_it_reaches_github(
+    fake_github: FakeGitHub, redis_client, session
+) -> None:
+    fake_github.reset()
+    budget = WriteBudget(redis_client, installation_id=987_002, per_minute=0)
+    client = GitHubClient(fake_github.url, "unused", 2.0, session, budget)
+
+    with pytest.raises(TransientGitHubError):
+        client.create_comment(f"/repos/{REPOSITORY}/issues/1/comments", "hello")
+
+    assert fake_github.requests("POST") == []
+
+
+def test_rejected_token_is_minted_again_once(
+    fake_github: FakeGitHub, github_app: GitHubApp, redis_client, session
+) -> None:
+    fake_github.reset()
+    asked: list[bool] = []
+
+    def tokens(fresh: bool) -> str:
+        asked.append(fresh)
+        if not fresh:
+            return "ghs_revoked"
+        return github_app.installation_token(987_003, redis_client, fresh=True)
+
+    client = GitHubClient(fake_github.url, tokens, 2.0, session)
+
+    assert client.permission(REPOSITORY, "octo-user") == "write"
+    assert asked == [False, True]
+    assert [r.status for r in fake_github.requests("GET")] == [401, 200]
+    redis_client.delete(TOKEN_KEY.format(987_003))
