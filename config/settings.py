@@ -60,7 +60,10 @@ class Settings:
     HOOKLINE_RETRY_MAX_DELAY: float = 300.0
     HOOKLINE_MAX_RETRIES: int = 8
     HOOKLINE_LEASE_SECONDS: int = 60
+    HOOKLINE_REDELIVERY_MAX_PER_RUN: int = 20
     CELERY_VISIBILITY_TIMEOUT: int = 1800
+    CELERY_BROKER_KEYPREFIX: str = ""
+    HOOKLINE_REDIS_PREFIX: str = "hookline:"
     LOG_LEVEL: str = "INFO"
 
     @property

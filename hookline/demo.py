@@ -77,11 +77,12 @@ def _wait_for_gateway(url: str) -> None:
     for attempt in Retrying(
         stop=stop_after_delay(30),
         wait=wait_fixed(0.2),
-        retry=retry_if_exception_type(requests.ConnectionError),
+        # Refused until gunicorn listens, then slow until its workers have booted.
+        retry=retry_if_exception_type((requests.ConnectionError, requests.Timeout)),
         reraise=True,
     ):
         with attempt:
-            requests.get(url + "/", timeout=2)
+            requests.get(url + "/healthz", timeout=5)
 
 
 def _outcome_of(sent: Sent, database_url: str, fake: FakeGitHub) -> bool:
@@ -141,10 +142,9 @@ def run(deliveries: Path, timeout: float) -> int:
     """Run the demo; return the process exit code."""
     redis_url = os.environ.get("REDIS_URL", DEMO_REDIS_URL)
     client = _check_redis(redis_url)
-    if redis_url == DEMO_REDIS_URL:
-        # Messages an interrupted earlier demo left queued would run against this
-        # run's fake GitHub; the demo's own database is safe to empty.
-        client.flushdb()
+    # Every key and queue of this run carries its own prefix: nothing an earlier,
+    # interrupted demo left in Redis can reach this run, and nothing else is touched.
+    prefix = f"hookline-demo-{uuid.uuid4().hex[:8]}:"
 
     workdir = ROOT / "var" / "demo"
     shutil.rmtree(workdir, ignore_errors=True)
@@ -164,6 +164,8 @@ def run(deliveries: Path, timeout: float) -> int:
         "GITHUB_API_URL": fake.url,
         "REDIS_URL": redis_url,
         "CELERY_BROKER_URL": redis_url,
+        "CELERY_BROKER_KEYPREFIX": prefix,
+        "HOOKLINE_REDIS_PREFIX": prefix,
         "DATABASE_URL": database_url,
         "WEB_HOST": "127.0.0.1",
         "PYTHONUNBUFFERED": "1",
@@ -207,7 +209,7 @@ def run(deliveries: Path, timeout: float) -> int:
     try:
         try:
             _wait_for_gateway(gateway)
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             log_file.flush()
             tail = (workdir / "processes.log").read_text().splitlines()[-30:]
             print("The gateway did not start; the last lines of its log:")
@@ -222,6 +224,8 @@ def run(deliveries: Path, timeout: float) -> int:
             os.killpg(processes.pid, signal.SIGKILL)
         fake.stop()
         log_file.close()
+        for key in client.scan_iter(f"{prefix}*", count=1000):
+            client.delete(key)
 
 
 def _send_all(

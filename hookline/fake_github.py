@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import ipaddress
 import itertools
 import logging
@@ -23,8 +24,10 @@ from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
+import requests
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
@@ -68,6 +71,8 @@ MAX_JWT_LIFETIME_SECONDS = 600
 JWT_UNDECODABLE = "A JSON web token could not be decoded"
 JWT_EXP_TOO_FAR = "'Expiration time' claim ('exp') is too far in the future"
 TOKEN_PATH = re.compile(r"^/app/installations/[^/]+/access_tokens$")
+# Endpoints that take the App's JWT instead of an installation token.
+APP_PATH = re.compile(r"^/app/(installations/[^/]+/access_tokens|hook/deliveries)")
 CONTROL_PREFIX = "/_fake/"
 POLL_INTERVAL_SECONDS = 0.05
 
@@ -195,6 +200,9 @@ class FakeGitHub:
         self._issue_comments: dict[tuple[str, int], list[dict]] = {}
         self._comments: list[dict] = []
         self._review_comments: dict[tuple[str, int], list[dict]] = {}
+        self._hook_deliveries: list[dict] = []
+        self._hook_bodies: dict[str, tuple[str, bytes]] = {}
+        self._redeliver_to: tuple[str, bytes] | None = None
         self._reactions: list[dict] = []
         self._reactions_by_key: dict[tuple[int, str, str], dict] = {}
 
@@ -263,6 +271,8 @@ class FakeGitHub:
             self._issue_comments.clear()
             self._comments.clear()
             self._review_comments.clear()
+            self._hook_deliveries.clear()
+            self._hook_bodies.clear()
             self._reactions.clear()
             self._reactions_by_key.clear()
 
@@ -326,6 +336,48 @@ class FakeGitHub:
         )
         with self._lock:
             self._failures.append(failure)
+
+    def add_hook_delivery(
+        self,
+        guid: str,
+        event: str,
+        status_code: int,
+        body: bytes,
+        delivered_at: datetime | None = None,
+    ) -> int:
+        """Record a delivery GitHub attempted to the App's webhook; return its id.
+
+        A redelivery requested through the API really POSTs `body` to the URL
+        given to `redeliver_to`, signed with its secret, as GitHub would.
+        """
+        moment = delivered_at or _utcnow()
+        with self._lock:
+            delivery_id = self._next_id()
+            self._hook_deliveries.append(
+                {
+                    "id": delivery_id,
+                    "guid": guid,
+                    "delivered_at": _timestamp(moment),
+                    "redelivery": False,
+                    "duration": 0.1,
+                    "status": "OK"
+                    if status_code < 300
+                    else HTTPStatus(status_code).phrase,
+                    "status_code": status_code,
+                    "event": event,
+                    "action": None,
+                    "installation_id": None,
+                    "repository_id": None,
+                }
+            )
+            self._hook_bodies[guid] = (event, body)
+        return delivery_id
+
+    def redeliver_to(self, events_url: str, secret: str) -> None:
+        """Send redeliveries requested through the API to `events_url`."""
+        _require_loopback(urlsplit(events_url).hostname or "")
+        with self._lock:
+            self._redeliver_to = (events_url, secret.encode())
 
     def set_permission(self, repository: str, login: str, permission: str) -> None:
         """Give `login` a role on `repository` (unknown users have "write")."""
@@ -461,6 +513,12 @@ class FakeGitHub:
         route(
             f"{repo}/collaborators/<username>/permission", self._get_permission, "GET"
         )
+        route("/app/hook/deliveries", self._list_hook_deliveries, "GET")
+        route(
+            "/app/hook/deliveries/<int:delivery_id>/attempts",
+            self._redeliver,
+            "POST",
+        )
         route(f"{repo}/issues/<int:number>", self._get_issue, "GET")
         route(f"{repo}/issues/<int:number>/comments", self._list_comments, "GET")
         route(
@@ -515,7 +573,7 @@ class FakeGitHub:
             else:
                 return self._injected_failure(failure)
 
-        if TOKEN_PATH.match(request.path):
+        if APP_PATH.match(request.path):
             return None
 
         installation_id = self._installation_for(
@@ -679,6 +737,72 @@ class FakeGitHub:
                 "merged_at": None,
             }
         return payload
+
+    def _list_hook_deliveries(self) -> Response:
+        rejection = self._jwt_rejection(request.headers.get("Authorization", ""))
+        if rejection is not None:
+            return _github_error(401, rejection)
+        per_page = min(max(request.args.get("per_page", 30, type=int), 1), 100)
+        cursor = request.args.get("cursor", 0, type=int)
+        with self._lock:
+            newest_first = list(reversed(self._hook_deliveries))
+        response = jsonify(newest_first[cursor : cursor + per_page])
+        if cursor + per_page < len(newest_first):
+            url = self._api_url(request.path)
+            response.headers["Link"] = (
+                f'<{url}?per_page={per_page}&cursor={cursor + per_page}>; rel="next"'
+            )
+        return response
+
+    def _redeliver(self, delivery_id: int) -> Response:
+        rejection = self._jwt_rejection(request.headers.get("Authorization", ""))
+        if rejection is not None:
+            return _github_error(401, rejection)
+        with self._lock:
+            original = next(
+                (d for d in self._hook_deliveries if d["id"] == delivery_id), None
+            )
+            target = self._redeliver_to
+        if original is None:
+            return _github_error(404, "Not Found")
+        event, body = self._hook_bodies[original["guid"]]
+        status_code = 0
+        if target is not None:
+            url, secret = target
+            signature = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+            session = requests.Session()
+            # Never through a proxy from the environment: loopback only.
+            session.trust_env = False
+            try:
+                answer = session.post(
+                    url,
+                    data=body,
+                    timeout=10,
+                    headers={
+                        "Content-Type": "application/json",
+                        "X-GitHub-Event": event,
+                        # A redelivery keeps the original delivery's GUID.
+                        "X-GitHub-Delivery": original["guid"],
+                        "X-Hub-Signature-256": signature,
+                    },
+                )
+                status_code = answer.status_code
+            except requests.RequestException:
+                status_code = 0
+            finally:
+                session.close()
+        with self._lock:
+            self._hook_deliveries.append(
+                {
+                    **original,
+                    "id": self._next_id(),
+                    "redelivery": True,
+                    "delivered_at": _timestamp(_utcnow()),
+                    "status_code": status_code,
+                    "status": "OK" if 200 <= status_code < 300 else "failed",
+                }
+            )
+        return Response(status=202)
 
     def _get_issue(self, owner: str, repo: str, number: int) -> Response:
         return jsonify(self._issue_payload(owner, repo, number))

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import jwt
 import redis
@@ -20,7 +21,6 @@ import requests
 log = logging.getLogger(__name__)
 
 API_VERSION = "2022-11-28"
-TOKEN_KEY = "hookline:installation-token:{}"  # noqa: S105 (a key name)
 # Mint a new installation token this long before GitHub's one-hour expiry.
 TOKEN_MARGIN_SECONDS = 300
 
@@ -84,6 +84,13 @@ def check_response(response: requests.Response) -> requests.Response:
     raise PermanentGitHubError(summary, status)
 
 
+def _next_cursor(response: requests.Response) -> str | None:
+    url = response.links.get("next", {}).get("url")
+    if not url:
+        return None
+    return parse_qs(urlsplit(url).query).get("cursor", [None])[0]
+
+
 def _path(url: str) -> str:
     return "/" + url.split("://", 1)[-1].split("/", 1)[-1].split("?", 1)[0]
 
@@ -97,6 +104,11 @@ class GitHubApp:
     private_key: str
     timeout: float
     session: requests.Session
+    key_prefix: str = "hookline:"
+
+    def token_key(self, installation_id: int) -> str:
+        """Return the Redis key that caches an installation's token."""
+        return f"{self.key_prefix}installation-token:{installation_id}"
 
     def jwt(self) -> str:
         """Return a short-lived RS256 JWT that authenticates as the App."""
@@ -105,6 +117,28 @@ class GitHubApp:
         # when clocks drift; GitHub allows ten minutes at most.
         claims = {"iat": now - 60, "exp": now + 540, "iss": self.app_id}
         return jwt.encode(claims, self.private_key, algorithm="RS256")
+
+    def call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        """Call an endpoint that takes the App's own JWT (`/app/...`)."""
+        return _send(
+            self.session,
+            method,
+            self.api_url + path,
+            self.timeout,
+            headers={"Authorization": f"Bearer {self.jwt()}"},
+            **kwargs,
+        )
+
+    def hook_deliveries(self, max_pages: int) -> Iterator[dict]:
+        """Yield the App's webhook deliveries, newest first, for at most a few pages."""
+        params: dict[str, object] = {"per_page": 100}
+        for _ in range(max_pages):
+            response = self.call("GET", "/app/hook/deliveries", params=params)
+            yield from response.json()
+            cursor = _next_cursor(response)
+            if cursor is None:
+                return
+            params["cursor"] = cursor
 
     def mint_installation_token(self, installation_id: int) -> tuple[str, float]:
         """Ask GitHub for an installation token; return it and its lifetime in s."""
@@ -127,7 +161,7 @@ class GitHubApp:
 
         `fresh` mints a new one whatever the cache holds (GitHub refused the old).
         """
-        key = TOKEN_KEY.format(installation_id)
+        key = self.token_key(installation_id)
         cached = None if fresh else cache.get(key)
         if cached:
             return cached.decode()
@@ -175,16 +209,22 @@ class WriteBudget:
     """
 
     def __init__(
-        self, cache: redis.Redis, installation_id: int, per_minute: int = 80
+        self,
+        cache: redis.Redis,
+        installation_id: int,
+        per_minute: int = 80,
+        prefix: str = "hookline:",
     ) -> None:
         self._cache = cache
         self._installation_id = installation_id
         self._per_minute = per_minute
+        self._prefix = prefix
 
     def spend(self) -> None:
         """Take one request from this minute's allowance, or say when to come back."""
         now = time.time()
-        key = f"hookline:write-budget:{self._installation_id}:{int(now // 60)}"
+        minute = int(now // 60)
+        key = f"{self._prefix}write-budget:{self._installation_id}:{minute}"
         pipe = self._cache.pipeline(transaction=False)
         pipe.incr(key)
         pipe.expire(key, 120)

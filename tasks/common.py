@@ -71,6 +71,7 @@ def github_app() -> GitHubApp:
         private_key=private_key,
         timeout=settings().HOOKLINE_GITHUB_TIMEOUT,
         session=http_session(),
+        key_prefix=settings().HOOKLINE_REDIS_PREFIX,
     )
 
 
@@ -90,7 +91,9 @@ def installation_client(installation_id: int) -> GitHubClient:
         token,
         settings().HOOKLINE_GITHUB_TIMEOUT,
         http_session(),
-        WriteBudget(redis_client(), installation_id),
+        WriteBudget(
+            redis_client(), installation_id, prefix=settings().HOOKLINE_REDIS_PREFIX
+        ),
     )
 
 
@@ -127,9 +130,11 @@ def retry_later(task: Task, exc: TransientGitHubError) -> None:
 MAX_STARTS_PER_ATTEMPT = 3
 
 
-def may_start(cache: redis.Redis, task_id: str, retries: int) -> bool:
+def may_start(
+    cache: redis.Redis, task_id: str, retries: int, prefix: str = "hookline:"
+) -> bool:
     """Count a start of this attempt of a task; False once it started too often."""
-    key = f"hookline:task-starts:{task_id}:{retries}"
+    key = f"{prefix}task-starts:{task_id}:{retries}"
     try:
         pipe = cache.pipeline(transaction=False)
         pipe.incr(key)
@@ -147,7 +152,10 @@ class GuardedTask(Task):
     def __call__(self, *args: object, **kwargs: object) -> object:
         request = self.request
         if not request.called_directly and not may_start(
-            redis_client(), request.id, request.retries
+            redis_client(),
+            request.id,
+            request.retries,
+            settings().HOOKLINE_REDIS_PREFIX,
         ):
             log.error(
                 "task.poisoned",

@@ -39,6 +39,9 @@ ADMIN_DATABASE_URL = os.environ.get(
 )
 BROKER_URL = os.environ.get("HOOKLINE_TEST_BROKER_URL", "redis://127.0.0.1:6379/14")
 REDIS_URL = os.environ.get("HOOKLINE_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# Every Redis key and broker queue of this run carries it, so that runs side by
+# side (a developer's and a helper's) do not take each other's tasks.
+PREFIX = f"hookline-test-{uuid.uuid4().hex[:8]}:"
 APP_ID = "31337"
 SECRET = "test-webhook-secret"
 POOLS = ("classify", "conversations", "agent", "callbacks")
@@ -124,6 +127,8 @@ def environment(
         "GITHUB_API_URL": fake_github.url,
         "REDIS_URL": REDIS_URL,
         "CELERY_BROKER_URL": BROKER_URL,
+        "CELERY_BROKER_KEYPREFIX": PREFIX,
+        "HOOKLINE_REDIS_PREFIX": PREFIX,
         "DATABASE_URL": database_url,
         "HOOKLINE_AGENT_COMMAND": f"{sys.executable} {ROOT / 'tests' / 'agent.py'}",
         "HOOKLINE_AGENT_TIMEOUT": "20",
@@ -256,20 +261,26 @@ def stack(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     """Run the gateway and one worker per pool, as the Procfile does."""
-    redis.Redis.from_url(BROKER_URL).flushdb()
-    redis_client.flushdb()
+    broker = redis.Redis.from_url(BROKER_URL)
     logs = tmp_path_factory.mktemp("stack-logs")
     with launched(
         environment, fake_github, logs, {pool: pool for pool in POOLS}
     ) as running_stack:
         yield running_stack
+    for client in (broker, redis_client):
+        forget_keys(client, PREFIX)
+
+
+def forget_keys(client: redis.Redis, prefix: str, keep: str | None = None) -> None:
+    """Delete this run's keys under `prefix`, except those under `keep`."""
+    for key in client.scan_iter(f"{prefix}*", count=1000):
+        if keep is None or not key.startswith(keep.encode()):
+            client.delete(key)
 
 
 @pytest.fixture
 def running(stack: Stack, redis_client: redis.Redis) -> Stack:
     """Return the stack with the fake GitHub and the replay keys cleared."""
     stack.fake.reset()
-    for key in redis_client.scan_iter("hookline:*"):
-        if not key.startswith(b"hookline:installation-token:"):
-            redis_client.delete(key)
+    forget_keys(redis_client, PREFIX, keep=f"{PREFIX}installation-token:")
     return stack

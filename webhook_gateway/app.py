@@ -18,6 +18,7 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from config.logging import bound_delivery
 from config.settings import Settings, load_settings
 from webhook_gateway.dedup import Deduplicator
+from webhook_gateway.health import bp as health_bp
 from webhook_gateway.signature import is_valid_signature
 from workers.celery_app import CLASSIFY_TASK, create_celery
 
@@ -181,10 +182,12 @@ def create_app(settings: Settings | None = None) -> Flask:
             ),
             settings.HOOKLINE_DELIVERY_TTL,
             settings.HOOKLINE_BODY_TTL,
+            settings.HOOKLINE_REDIS_PREFIX,
         ),
         celery=create_celery(settings, publisher=True),
     )
     app.register_blueprint(bp)
+    app.register_blueprint(health_bp, settings=settings)
 
     @app.errorhandler(413)
     def _too_large(_: Exception) -> tuple[Response, int]:

@@ -9,8 +9,6 @@ import redis
 
 log = logging.getLogger(__name__)
 
-DELIVERY_KEY = "hookline:delivery:{}"
-BODY_KEY = "hookline:body:{}"
 
 # Claim the delivery id first and the body only for a new id, so that a replayed
 # id never claims a body it did not deliver. 1: claimed; 0: body seen; -1: id seen.
@@ -44,17 +42,24 @@ class DeliveryClaim:
 class Deduplicator:
     """Claims deliveries in Redis, with the claim script loaded once per process."""
 
-    def __init__(self, client: redis.Redis, delivery_ttl: int, body_ttl: int) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        delivery_ttl: int,
+        body_ttl: int,
+        prefix: str = "hookline:",
+    ) -> None:
         self._client = client
         self._claim = client.register_script(_CLAIM)
         self._ttls = [delivery_ttl, body_ttl]
+        self._prefix = prefix
 
     def claim(self, delivery_id: str, body: bytes) -> DeliveryClaim | None:
         """Claim a delivery; return None when its id or its body was seen recently."""
         # GitHub sends lowercase GUIDs; case must not make a replay look new.
         keys = [
-            DELIVERY_KEY.format(delivery_id.lower()),
-            BODY_KEY.format(hashlib.sha256(body).hexdigest()),
+            f"{self._prefix}delivery:{delivery_id.lower()}",
+            f"{self._prefix}body:{hashlib.sha256(body).hexdigest()}",
         ]
         if self._claim(keys=keys, args=self._ttls) == 1:
             return DeliveryClaim(self._client, keys)

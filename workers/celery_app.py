@@ -22,6 +22,7 @@ START_CONVERSATION_TASK = "hookline.start_conversation"
 RUN_AGENT_TASK = "hookline.run_agent"
 POST_CALLBACK_TASK = "hookline.post_callback"
 SWEEP_TASK = "hookline.requeue_stalled_work"
+REDELIVER_TASK = "hookline.redeliver_failed_deliveries"
 
 TASK_ROUTES = {
     CLASSIFY_TASK: {"queue": CLASSIFY_QUEUE},
@@ -29,6 +30,7 @@ TASK_ROUTES = {
     RUN_AGENT_TASK: {"queue": AGENT_QUEUE},
     POST_CALLBACK_TASK: {"queue": CALLBACKS_QUEUE},
     SWEEP_TASK: {"queue": CONVERSATIONS_QUEUE},
+    REDELIVER_TASK: {"queue": CONVERSATIONS_QUEUE},
 }
 
 
@@ -82,6 +84,9 @@ def create_celery(settings: Settings, publisher: bool = False) -> Celery:
     }
     if publisher:
         transport_options |= {"socket_timeout": 2, "socket_connect_timeout": 2}
+    if settings.CELERY_BROKER_KEYPREFIX:
+        # Several deployments (or test runs) can then share one Redis database.
+        transport_options["global_keyprefix"] = settings.CELERY_BROKER_KEYPREFIX
     app = Celery("hookline")
     app.conf.update(
         broker_url=settings.broker_url,
@@ -113,12 +118,14 @@ def create_celery(settings: Settings, publisher: bool = False) -> Celery:
         task_send_sent_event=True,
         beat_schedule={
             "requeue-stalled-work": {"task": SWEEP_TASK, "schedule": 30.0},
+            "redeliver-failed-deliveries": {"task": REDELIVER_TASK, "schedule": 300.0},
         },
         imports=(
             "tasks.classify",
             "tasks.conversations",
             "tasks.agent",
             "tasks.callbacks",
+            "tasks.redelivery",
         ),
     )
     if publisher:

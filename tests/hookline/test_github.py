@@ -15,7 +15,6 @@ import requests
 from hookline.devtools import free_port
 from hookline.fake_github import FakeGitHub
 from hookline.github import (
-    TOKEN_KEY,
     GitHubApp,
     GitHubClient,
     PermanentGitHubError,
@@ -54,11 +53,11 @@ def github_app(
 
 
 @pytest.fixture
-def installation_id(redis_client: redis.Redis) -> Iterator[int]:
+def installation_id(redis_client: redis.Redis, github_app: GitHubApp) -> Iterator[int]:
     """Return an installation id no other test uses; drop its cached token after."""
     installation = 10**9 + uuid.uuid4().int % 10**9
     yield installation
-    redis_client.delete(TOKEN_KEY.format(installation))
+    redis_client.delete(github_app.token_key(installation))
 
 
 @pytest.fixture
@@ -113,7 +112,7 @@ def test_cached_token_expires_before_github_expires_it(
 ) -> None:
     github_app.installation_token(installation_id, redis_client)
 
-    ttl = redis_client.ttl(TOKEN_KEY.format(installation_id))
+    ttl = redis_client.ttl(github_app.token_key(installation_id))
     assert 0 < ttl <= 3600 - 60
 
 
@@ -360,4 +359,4 @@ def test_rejected_token_is_minted_again_once(
     assert client.permission(REPOSITORY, "octo-user") == "write"
     assert asked == [False, True]
     assert [r.status for r in fake_github.requests("GET")] == [401, 200]
-    redis_client.delete(TOKEN_KEY.format(987_003))
+    redis_client.delete(github_app.token_key(987_003))

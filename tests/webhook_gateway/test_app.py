@@ -20,11 +20,12 @@ import redis
 from flask.testing import FlaskClient
 
 from config.settings import load_settings
-from tests.conftest import REDIS_URL, SECRET, fixture_bytes
+from tests.conftest import PREFIX, REDIS_URL, SECRET, fixture_bytes
 from webhook_gateway.app import EVENTS_PATH, create_app
 from webhook_gateway.signature import sign
 
 QUIET_BROKER_URL = "redis://127.0.0.1:6379/12"
+QUEUE = f"{PREFIX}classify"
 BODY = fixture_bytes("issue_comment.created.json")
 # What gunicorn tells the app for a chunked body: read the stream to its end.
 CHUNKED = {"wsgi.input_terminated": True}
@@ -37,6 +38,8 @@ def gateway(**overrides: object) -> FlaskClient:
             "GITHUB_APP_WEBHOOK_SECRET": SECRET,
             "REDIS_URL": REDIS_URL,
             "CELERY_BROKER_URL": QUIET_BROKER_URL,
+            "CELERY_BROKER_KEYPREFIX": PREFIX,
+            "HOOKLINE_REDIS_PREFIX": PREFIX,
             **overrides,
         },
     )
@@ -46,23 +49,23 @@ def gateway(**overrides: object) -> FlaskClient:
 @pytest.fixture
 def broker() -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(QUIET_BROKER_URL)
-    client.delete("classify")
+    client.delete(QUEUE)
     yield client
-    client.delete("classify")
+    client.delete(QUEUE)
 
 
 @pytest.fixture
 def client(redis_client: redis.Redis, broker: redis.Redis) -> FlaskClient:
-    for key in redis_client.scan_iter("hookline:delivery:*"):
+    for key in redis_client.scan_iter(f"{PREFIX}delivery:*"):
         redis_client.delete(key)
-    for key in redis_client.scan_iter("hookline:body:*"):
+    for key in redis_client.scan_iter(f"{PREFIX}body:*"):
         redis_client.delete(key)
     return gateway()
 
 
 def queued(broker: redis.Redis) -> list[dict]:
     """Return the kwargs of every task message waiting in the classify queue."""
-    messages = [json.loads(raw) for raw in broker.lrange("classify", 0, -1)]
+    messages = [json.loads(raw) for raw in broker.lrange(QUEUE, 0, -1)]
     return [json.loads(base64.b64decode(m["body"]))[1] for m in messages]
 
 

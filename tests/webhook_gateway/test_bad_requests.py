@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import SECRET, fixture_bytes
+from tests.conftest import PREFIX, SECRET, fixture_bytes
 from tests.webhook_gateway.test_app import EVENTS_PATH, gateway, queued
 from webhook_gateway.signature import sign
 
@@ -138,7 +138,7 @@ for name, body, status in [
 
 @pytest.fixture
 def client(redis_client, broker):
-    for key in redis_client.scan_iter("hookline:body:*"):
+    for key in redis_client.scan_iter(f"{PREFIX}body:*"):
         redis_client.delete(key)
     return gateway()
 
@@ -147,12 +147,12 @@ def client(redis_client, broker):
 def broker():
     import redis
 
-    from tests.webhook_gateway.test_app import QUIET_BROKER_URL
+    from tests.webhook_gateway.test_app import QUEUE, QUIET_BROKER_URL
 
     quiet = redis.Redis.from_url(QUIET_BROKER_URL)
-    quiet.delete("classify")
+    quiet.delete(QUEUE)
     yield quiet
-    quiet.delete("classify")
+    quiet.delete(QUEUE)
 
 
 @pytest.mark.parametrize(
