@@ -1,0 +1,248 @@
+"""`hookline`: the operator's command line.
+
+    hookline send FILE --event EVENT     sign a payload file, post it as GitHub would
+    hookline deliveries [--limit N]      recent deliveries and what became of them
+    hookline explain DELIVERY_ID         the whole trace of one delivery
+    hookline conversations [--limit N]   recent conversations and their state
+
+Every command takes --json. Exit codes: 0 done, 1 not found or refused, 2 usage
+or configuration error, 3 a service did not answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import requests
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from config.settings import ConfigError, Settings, load_settings
+from hookline.db import session_scope
+from hookline.devtools import send_delivery
+from hookline.models import Callback, Conversation, Delivery
+
+NOT_FOUND, USAGE, UNAVAILABLE = 1, 2, 3
+
+
+class CommandError(Exception):
+    """A command failed in a way the user should read, with its exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _send(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    path = Path(args.file)
+    try:
+        body = path.read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror}", USAGE) from None
+    secret = settings.require_webhook_secret().decode()
+    delivery_id = args.delivery or str(uuid.uuid4())
+    try:
+        response = send_delivery(args.url, secret, args.event, body, delivery_id)
+    except requests.RequestException as exc:
+        raise CommandError(
+            f"the gateway at {args.url} did not answer ({type(exc).__name__})",
+            UNAVAILABLE,
+        ) from None
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = {"body": response.text[:200]}
+    result = {"delivery": delivery_id, "status": response.status_code, "answer": answer}
+    if response.status_code >= 400:
+        raise CommandError(json.dumps(result), NOT_FOUND)
+    return result
+
+
+def _delivery_row(delivery: Delivery) -> dict[str, Any]:
+    return {
+        "delivery": delivery.delivery_id,
+        "event": delivery.event,
+        "action": delivery.action,
+        "repository": delivery.repository,
+        "verdict": delivery.verdict,
+        "reason": delivery.reason,
+        "at": delivery.created_at.isoformat(timespec="seconds"),
+    }
+
+
+def _deliveries(args: argparse.Namespace, settings: Settings) -> list[dict[str, Any]]:
+    query = select(Delivery).order_by(Delivery.id.desc()).limit(args.limit)
+    with session_scope(settings.DATABASE_URL) as session:
+        return [_delivery_row(row) for row in session.scalars(query)]
+
+
+def _conversation_row(conversation: Conversation) -> dict[str, Any]:
+    return {
+        "conversation": str(conversation.id),
+        "delivery": conversation.delivery_id,
+        "kind": conversation.kind,
+        "repository": conversation.repository,
+        "number": conversation.number,
+        "status": conversation.status,
+        "error": conversation.error,
+        "at": conversation.created_at.isoformat(timespec="seconds"),
+    }
+
+
+def _conversations(
+    args: argparse.Namespace, settings: Settings
+) -> list[dict[str, Any]]:
+    query = select(Conversation).order_by(Conversation.created_at.desc())
+    with session_scope(settings.DATABASE_URL) as session:
+        return [
+            _conversation_row(row) for row in session.scalars(query.limit(args.limit))
+        ]
+
+
+def _explain(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    with session_scope(settings.DATABASE_URL) as session:
+        delivery = session.scalars(
+            select(Delivery).where(Delivery.delivery_id == args.delivery)
+        ).one_or_none()
+        conversation = session.scalars(
+            select(Conversation).where(Conversation.delivery_id == args.delivery)
+        ).one_or_none()
+        if delivery is None and conversation is None:
+            raise CommandError(
+                f"no delivery {args.delivery} is recorded: it was refused at the "
+                "gateway, is still queued, or never reached Hookline",
+                NOT_FOUND,
+            )
+        trace: dict[str, Any] = {
+            "delivery": _delivery_row(delivery) if delivery else None
+        }
+        if conversation is not None:
+            trace["conversation"] = _conversation_row(conversation) | {
+                "reaction_path": conversation.reaction_path,
+                "reply_path": conversation.reply_path,
+                "result": conversation.result,
+            }
+            callbacks = session.scalars(
+                select(Callback).where(Callback.conversation_id == conversation.id)
+            )
+            trace["callbacks"] = [
+                {
+                    "event": callback.event,
+                    "status": callback.status,
+                    "attempts": callback.attempts,
+                    "last_error": callback.last_error,
+                    "comment": callback.github_comment_id,
+                    "path": callback.github_path,
+                }
+                for callback in callbacks
+            ]
+        return trace
+
+
+def _print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
+    if not rows:
+        print("(none)")
+        return
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns))
+
+
+def _print_trace(trace: dict[str, Any]) -> None:
+    delivery = trace["delivery"]
+    if delivery:
+        print(
+            f"delivery {delivery['delivery']}: {delivery['event']}/{delivery['action']}"
+        )
+        print(f"  repository {delivery['repository']}, received {delivery['at']}")
+        print(f"  verdict    {delivery['verdict']}: {delivery['reason']}")
+    conversation = trace.get("conversation")
+    if conversation:
+        print(f"conversation {conversation['conversation']} ({conversation['kind']})")
+        print(f"  status     {conversation['status']}")
+        print(f"  reaction   {conversation['reaction_path']}")
+        if conversation["error"]:
+            print(f"  error      {conversation['error']}")
+    for callback in trace.get("callbacks", []):
+        print(f"callback {callback['event']}: {callback['status']}")
+        print(f"  attempts   {callback['attempts']}")
+        if callback["path"]:
+            print(f"  comment    {callback['comment']} at {callback['path']}")
+        if callback["last_error"]:
+            print(f"  last error {callback['last_error']}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hookline", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    send = commands.add_parser("send", help="sign a payload file and post it")
+    send.add_argument("file")
+    send.add_argument("--event", required=True, help="the X-GitHub-Event to send")
+    send.add_argument("--delivery", help="the X-GitHub-Delivery (default: new)")
+    send.add_argument("--url", default="http://127.0.0.1:5000", help="the gateway")
+
+    deliveries = commands.add_parser("deliveries", help="recent deliveries")
+    deliveries.add_argument("--limit", type=int, default=20)
+
+    explain = commands.add_parser("explain", help="the trace of one delivery")
+    explain.add_argument("delivery")
+
+    conversations = commands.add_parser("conversations", help="recent conversations")
+    conversations.add_argument("--limit", type=int, default=20)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one `hookline` command; return its exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        result: Any = {
+            "send": _send,
+            "deliveries": _deliveries,
+            "explain": _explain,
+            "conversations": _conversations,
+        }[args.command](args, settings)
+    except CommandError as exc:
+        print(f"hookline {args.command}: {exc}", file=sys.stderr)
+        return exc.code
+    except ConfigError as exc:
+        print(f"hookline {args.command}: {exc}", file=sys.stderr)
+        return USAGE
+    except SQLAlchemyError as exc:
+        print(
+            f"hookline {args.command}: the database did not answer "
+            f"({type(exc).__name__}); is DATABASE_URL right?",
+            file=sys.stderr,
+        )
+        return UNAVAILABLE
+
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    elif args.command == "explain":
+        _print_trace(result)
+    elif args.command == "deliveries":
+        _print_table(result, ["at", "delivery", "event", "action", "verdict", "reason"])
+    elif args.command == "conversations":
+        _print_table(
+            result, ["at", "conversation", "kind", "repository", "number", "status"]
+        )
+    else:
+        print(f"HTTP {result['status']}: {json.dumps(result['answer'])}")
+        print(f"delivery {result['delivery']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

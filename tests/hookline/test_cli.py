@@ -1,0 +1,113 @@
+"""The `hookline` command, run as an operator runs it, against the real stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hookline.devtools import free_port
+from tests.conftest import FIXTURES, Stack
+from tests.test_pipeline import callback_of, verdict_of
+
+HOOKLINE = Path(sys.executable).with_name("hookline")
+
+
+def hookline(stack: Stack, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {
+        **os.environ,
+        "GITHUB_APP_WEBHOOK_SECRET": stack.settings.GITHUB_APP_WEBHOOK_SECRET,
+        "DATABASE_URL": stack.settings.DATABASE_URL,
+        **env,
+    }
+    return subprocess.run(
+        [str(HOOKLINE), *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_send_then_explain_traces_the_delivery_to_its_comment(running: Stack) -> None:
+    fixture = str(FIXTURES / "issue_comment.created.json")
+    sent = hookline(
+        running,
+        "--json",
+        "send",
+        fixture,
+        "--event",
+        "issue_comment",
+        "--url",
+        running.gateway_url,
+    )
+    assert sent.returncode == 0, sent.stderr
+    delivery_id = json.loads(sent.stdout)["delivery"]
+    assert json.loads(sent.stdout)["status"] == 202
+    callback_of(running, delivery_id)
+
+    explained = hookline(running, "explain", delivery_id)
+    as_json = json.loads(hookline(running, "--json", "explain", delivery_id).stdout)
+
+    assert explained.returncode == 0, explained.stderr
+    assert "verdict    job: issue comment" in explained.stdout
+    assert "callback finished: posted" in explained.stdout
+    (comment,) = running.fake.comments()
+    assert as_json["callbacks"][0]["comment"] == comment["id"]
+    assert as_json["callbacks"][0]["path"] == comment["path"]
+
+
+def test_explain_says_why_a_delivery_was_ignored(running: Stack) -> None:
+    delivery_id, _ = running.send(
+        "issue_comment.created.quoted-mention.json", "issue_comment"
+    )
+    verdict_of(running, delivery_id)
+    explained = hookline(running, "explain", delivery_id)
+    listed = hookline(running, "--json", "deliveries", "--limit", "50")
+
+    assert "ignored: @openhands appears only in a quote" in explained.stdout
+    assert delivery_id in [row["delivery"] for row in json.loads(listed.stdout)]
+
+
+def test_unknown_delivery_is_not_found_with_exit_1(running: Stack) -> None:
+    explained = hookline(running, "explain", "0000-not-a-delivery")
+
+    assert explained.returncode == 1
+    assert "no delivery 0000-not-a-delivery is recorded" in explained.stderr
+
+
+def test_unreadable_file_and_missing_secret_are_usage_errors(running: Stack) -> None:
+    missing = hookline(running, "send", "/nonexistent.json", "--event", "issues")
+    secretless = hookline(
+        running,
+        "send",
+        str(FIXTURES / "issues.labeled.json"),
+        "--event",
+        "issues",
+        GITHUB_APP_WEBHOOK_SECRET="",
+    )
+
+    assert missing.returncode == 2
+    assert "cannot read /nonexistent.json" in missing.stderr
+    assert secretless.returncode == 2
+    assert "GITHUB_APP_WEBHOOK_SECRET is not set" in secretless.stderr
+
+
+def test_services_that_do_not_answer_give_exit_3_and_a_sentence(
+    running: Stack,
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    unsent = hookline(
+        running, "send", str(FIXTURES / "ping.json"), "--event", "ping", "--url", dead
+    )
+    no_database = hookline(
+        running, "deliveries", DATABASE_URL="postgresql://postgres@127.0.0.1:1/x"
+    )
+
+    assert unsent.returncode == 3
+    assert "did not answer" in unsent.stderr
+    assert no_database.returncode == 3
+    assert "the database did not answer" in no_database.stderr
+    assert "Traceback" not in no_database.stderr + unsent.stderr
