@@ -4,6 +4,8 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 # The Procfile names bare commands (alembic, gunicorn, celery): this venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# What `make run` starts; e.g. `make run PROCESSES="web classify"` for fewer.
+PROCESSES ?= web classify conversations agent callbacks beat flower
 
 .PHONY: demo test lint run clean
 
@@ -23,7 +25,7 @@ test: $(STAMP)
 # current, so it runs first and the long-running processes after it.
 run: $(STAMP)
 	$(VENV)/bin/honcho run alembic upgrade head
-	$(VENV)/bin/honcho start web classify conversations agent callbacks beat flower
+	$(VENV)/bin/honcho start $(PROCESSES)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

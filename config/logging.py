@@ -55,8 +55,10 @@ class KeyValueFormatter(logging.Formatter):
             record.levelname,
             record.name,
             record.getMessage(),
-            f"delivery={getattr(record, 'delivery_id', '-')}",
         ]
+        delivery_id = getattr(record, "delivery_id", "-")
+        if delivery_id != "-":
+            parts.append(f"delivery={delivery_id}")
         task_id = getattr(record, "task_id", "-")
         if task_id != "-":
             parts.append(f"task={task_id}")

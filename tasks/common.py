@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 from functools import cache
 
 import kombu.exceptions
 import redis
 import requests
-from celery import Task
+from celery import Task, signals
+from cryptography.hazmat.primitives import serialization
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from config.settings import Settings, load_settings
+from config.settings import ConfigError, Settings, load_settings
 from hookline.github import (
     GitHubApp,
     GitHubClient,
@@ -61,10 +63,27 @@ def http_session() -> requests.Session:
     return requests.Session()
 
 
+@signals.worker_init.connect
+def _refuse_to_start_without_credentials(**_: object) -> None:
+    # A worker that cannot authenticate would accept deliveries only to fail them.
+    try:
+        github_app()
+    except ConfigError as exc:
+        print(f"hookline worker: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 @cache
 def github_app() -> GitHubApp:
     """Return the App identity; fails with the missing variable's name."""
     app_id, private_key = settings().require_app_credentials()
+    try:
+        serialization.load_pem_private_key(private_key.encode(), password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(
+            "The GitHub App private key (GITHUB_APP_PRIVATE_KEY_PATH or "
+            "GITHUB_APP_PRIVATE_KEY) is not an unencrypted PEM private key."
+        ) from None
     return GitHubApp(
         api_url=settings().GITHUB_API_URL.rstrip("/"),
         app_id=app_id,
