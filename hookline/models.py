@@ -36,8 +36,10 @@ class Verdict(enum.StrEnum):
 class ConversationStatus(enum.StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
+    AWAITING_INPUT = "awaiting_input"
     FINISHED = "finished"
     ERROR = "error"
+    STOPPED = "stopped"
 
 
 class CallbackStatus(enum.StrEnum):
@@ -119,3 +121,18 @@ class Callback(Base):
     )
 
     conversation: Mapped[Conversation] = relationship(back_populates="callbacks")
+
+
+class ConversationTransition(Base):
+    """One change of a conversation's state: when, from what, to what, and why."""
+
+    __tablename__ = "conversation_transitions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("conversations.id"), index=True
+    )
+    from_status: Mapped[str | None] = mapped_column(String(16))
+    to_status: Mapped[str] = mapped_column(String(16))
+    cause: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

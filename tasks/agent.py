@@ -17,6 +17,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from config.settings import Settings
+from hookline import lifecycle
 from hookline.db import session_scope
 from hookline.models import (
     Callback,
@@ -45,26 +46,44 @@ MAX_RUN_ATTEMPTS = 3
 def claim_run(database_url: str, conversation_id: uuid.UUID, lease: int) -> bool:
     """Take the lease on a queued run, or on one whose lease lapsed."""
     now = utcnow()
-    claim = (
-        update(Conversation)
-        .where(
-            Conversation.id == conversation_id,
-            or_(
-                Conversation.status == ConversationStatus.QUEUED,
-                and_(
-                    Conversation.status == ConversationStatus.RUNNING,
-                    Conversation.lease_expires_at < now,
-                ),
+    # Each claim is one conditional UPDATE, so two workers cannot both win; trying
+    # the two cases apart tells which transition to record.
+    cases = [
+        (ConversationStatus.QUEUED, Conversation.status == ConversationStatus.QUEUED),
+        (
+            ConversationStatus.RUNNING,
+            and_(
+                Conversation.status == ConversationStatus.RUNNING,
+                Conversation.lease_expires_at < now,
             ),
-        )
-        .values(
-            status=ConversationStatus.RUNNING,
-            lease_expires_at=now + timedelta(seconds=lease),
-            run_attempts=Conversation.run_attempts + 1,
-        )
-    )
+        ),
+    ]
     with session_scope(database_url) as session:
-        return session.execute(claim).rowcount == 1
+        for previous, condition in cases:
+            claimed = session.execute(
+                update(Conversation)
+                .where(Conversation.id == conversation_id, condition)
+                .values(
+                    status=ConversationStatus.RUNNING,
+                    lease_expires_at=now + timedelta(seconds=lease),
+                    run_attempts=Conversation.run_attempts + 1,
+                )
+            ).rowcount
+            if claimed:
+                cause = (
+                    "agent run started"
+                    if previous == ConversationStatus.QUEUED
+                    else "lease lapsed; run taken over"
+                )
+                lifecycle.record(
+                    session,
+                    conversation_id,
+                    previous,
+                    ConversationStatus.RUNNING,
+                    cause,
+                )
+                return True
+    return False
 
 
 def renew_lease(database_url: str, conversation_id: uuid.UUID, lease: int) -> None:
@@ -87,6 +106,13 @@ def finish_run(
     status = ConversationStatus(outcome.status.value)
     with session_scope(database_url) as session:
         conversation = session.get_one(Conversation, conversation_id)
+        lifecycle.record(
+            session,
+            conversation_id,
+            conversation.status,
+            status,
+            outcome.error or "agent finished",
+        )
         conversation.status = status.value
         conversation.result = outcome.output or None
         conversation.error = outcome.error or None
@@ -141,8 +167,8 @@ def run_conversation(
 
     try:
         event = finish_run(url, conversation_id, outcome)
-    except IntegrityError:
-        # A callback row exists: an earlier run of this conversation finished.
+    except (IntegrityError, lifecycle.IllegalTransition):
+        # Another run of it finished first, or it was stopped meanwhile.
         log.warning(
             "agent.already_finished", extra={"conversation": str(conversation_id)}
         )

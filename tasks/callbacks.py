@@ -90,9 +90,10 @@ def _record(
             setattr(callback, name, value)
 
 
-def post(conversation: Conversation, callback: Callback, body: str) -> dict:
+def post(
+    client: GitHubClient, conversation: Conversation, callback: Callback, body: str
+) -> dict:
     """Post a callback's comment once, even if an earlier attempt died mid-way."""
-    client = common.installation_client(conversation.installation_id)
     if callback.attempts:
         # An earlier attempt may have posted and died before recording it.
         earlier = find_posted(client, conversation, callback)
@@ -120,7 +121,13 @@ def post_callback(
 
     body = callback_body(conversation, config.bot_handle, config.HOOKLINE_TEMPLATES_DIR)
     try:
-        comment = post(conversation, callback, body)
+        client = common.installation_client(conversation.installation_id)
+        comment = post(client, conversation, callback, body)
+        # The trigger's reactions tell its state at a glance: eyes, then this.
+        finished = conversation.status == ConversationStatus.FINISHED
+        client.add_reaction(
+            conversation.reaction_path, "rocket" if finished else "confused"
+        )
     except TransientGitHubError as exc:
         _record(url, callback.id, last_error=str(exc))
         common.retry_later(self, exc)

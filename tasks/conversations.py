@@ -10,6 +10,7 @@ from celery import Task
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from hookline import lifecycle
 from hookline.db import session_scope
 from hookline.github import GitHubClient, GitHubError, TransientGitHubError
 from hookline.models import Conversation, ConversationStatus, Delivery, Verdict
@@ -68,6 +69,7 @@ def store_conversation(
 ) -> tuple[uuid.UUID, str]:
     """Insert the conversation for a delivery, or find the one stored before."""
     conversation = Conversation(
+        id=uuid.uuid4(),
         delivery_id=delivery_id,
         kind=trigger["kind"],
         repository=trigger["repository"],
@@ -87,6 +89,13 @@ def store_conversation(
     try:
         with session_scope(database_url) as session:
             session.add(conversation)
+            lifecycle.record(
+                session,
+                conversation.id,
+                None,
+                ConversationStatus.QUEUED,
+                f"{trigger['kind']} trigger by {trigger['author']}",
+            )
         return conversation.id, conversation.status
     except IntegrityError:
         existing = _existing(database_url, delivery_id)

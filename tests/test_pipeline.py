@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from hookline.db import session_scope
 from hookline.devtools import send_delivery
-from hookline.models import Callback, Conversation, Delivery
+from hookline.models import Callback, Conversation, ConversationTransition, Delivery
 from tests.conftest import FIXTURES, SECRET, Stack, fixture_bytes
 
 INDEX = json.loads((FIXTURES / "INDEX.json").read_text())
@@ -84,8 +84,10 @@ def test_recorded_delivery_gets_its_indexed_outcome(
     callback = callback_of(running, delivery_id)
     conversation = conversation_of(running, delivery_id)
     assert callback.status == "posted"
-    assert [r["path"] for r in running.fake.reactions()] == [conversation.reaction_path]
-    assert [r["content"] for r in running.fake.reactions()] == ["eyes"]
+    assert [r["path"] for r in running.fake.reactions()] == [
+        conversation.reaction_path
+    ] * 2
+    assert [r["content"] for r in running.fake.reactions()] == ["eyes", "rocket"]
     comments = running.fake.comments()
     assert len(comments) == 1
     assert comments[0]["path"] == conversation.reply_path
@@ -110,7 +112,19 @@ def test_labeled_issue_is_answered_on_the_issue(running: Stack) -> None:
     assert comment["kind"] == "issue"
     assert [r["path"] for r in running.fake.reactions()] == [
         "/repos/octo-user/Hello-World/issues/1/reactions"
+    ] * 2
+    with session_scope(running.settings.DATABASE_URL) as session:
+        transitions = session.scalars(
+            select(ConversationTransition)
+            .where(ConversationTransition.conversation_id == conversation.id)
+            .order_by(ConversationTransition.id)
+        ).all()
+    assert [(t.from_status, t.to_status) for t in transitions] == [
+        (None, "queued"),
+        ("queued", "running"),
+        ("running", "finished"),
     ]
+    assert transitions[0].cause == "issue trigger by octo-user"
 
 
 def test_inline_review_comment_is_answered_in_its_thread(running: Stack) -> None:
@@ -163,7 +177,7 @@ def test_replayed_delivery_posts_once(running: Stack) -> None:
     time.sleep(1)
     assert (first, again) == (202, 200)
     assert len(running.fake.comments()) == 1
-    assert len(running.fake.reactions()) == 1
+    assert [r["content"] for r in running.fake.reactions()] == ["eyes", "rocket"]
 
 
 def test_same_body_under_a_new_delivery_id_is_dropped(running: Stack) -> None:
@@ -238,7 +252,7 @@ def test_timed_out_reaction_is_retried_once_more(running: Stack) -> None:
     assert running.fake.wait_for(
         lambda fake: len(fake.requests("POST", "/reactions")) == 2, timeout=5
     )
-    assert len(running.fake.reactions()) == 1
+    assert [r["content"] for r in running.fake.reactions()] == ["eyes", "rocket"]
     assert len(running.fake.comments()) == 1
 
 
@@ -269,6 +283,7 @@ def test_failing_agent_posts_a_notice_without_its_stderr(running: Stack) -> None
     assert "could not finish this request: agent exited with code 3" in comment["body"]
     assert "Traceback" not in comment["body"]
     assert conversation_of(running, delivery_id).status == "error"
+    assert [r["content"] for r in running.fake.reactions()] == ["eyes", "confused"]
 
 
 def test_every_log_line_about_a_delivery_names_it(running: Stack) -> None:

@@ -39,4 +39,5 @@ def test_labeled_issue_is_answered_through_rabbitmq(
     (comment,) = fake_github.comments()
     assert comment["path"] == "/repos/octo-user/Hello-World/issues/1/comments"
     assert "test agent finished octo-user/Hello-World#1 (issue)" in comment["body"]
-    assert [r["content"] for r in fake_github.reactions()] == ["eyes"]
+    assert fake_github.wait_for(lambda fake: len(fake.reactions()) == 2, timeout=10)
+    assert [r["content"] for r in fake_github.reactions()] == ["eyes", "rocket"]

@@ -12,7 +12,7 @@ from sqlalchemy import delete, select, update
 
 from config.settings import Settings
 from hookline.db import session_scope
-from hookline.models import Callback, Conversation, utcnow
+from hookline.models import Callback, Conversation, ConversationTransition, utcnow
 from hookline.runtime import CommandRuntime
 from tasks.agent import (
     MAX_RUN_ATTEMPTS,
@@ -32,7 +32,8 @@ def _forget_conversations(database_url: str):
     """Delete this test's conversations, so no later sweep finds them stalled."""
     yield
     with session_scope(database_url) as session:
-        session.execute(delete(Callback).where(Callback.conversation_id.in_(_created)))
+        for table in (Callback, ConversationTransition):
+            session.execute(delete(table).where(table.conversation_id.in_(_created)))
         session.execute(delete(Conversation).where(Conversation.id.in_(_created)))
     _created.clear()
 
