@@ -7,6 +7,7 @@ inside a worker, the Celery task id: both are bound once in context variables.
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import sys
 from collections.abc import Iterator
@@ -37,19 +38,46 @@ class ContextFilter(logging.Filter):
         return True
 
 
+def _fields(record: logging.LogRecord) -> dict[str, object]:
+    """Return what the caller passed in `extra=`."""
+    fields = {
+        key: value
+        for key, value in vars(record).items()
+        if key not in _RECORD_ATTRS and not key.startswith("_")
+    }
+    if record.name.startswith("celery"):
+        # Celery attaches the whole task (payload included) as `data`; its
+        # message already names the task and its id.
+        fields.pop("data", None)
+    return fields
+
+
+class JsonFormatter(logging.Formatter):
+    """Format one JSON object a line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "at": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            # The stable event key; "event" is left to fields such as GitHub's event.
+            "message": record.getMessage(),
+        }
+        for name in ("delivery_id", "task_id"):
+            value = getattr(record, name, "-")
+            if value != "-":
+                line[name.removesuffix("_id")] = value
+        line.update(_fields(record))
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
 class KeyValueFormatter(logging.Formatter):
     """Format `event key=value ...`, the ids first, then the `extra=` fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = {
-            key: value
-            for key, value in vars(record).items()
-            if key not in _RECORD_ATTRS and not key.startswith("_")
-        }
-        if record.name.startswith("celery"):
-            # Celery attaches the whole task (payload included) as `data`; its
-            # message already names the task and its id.
-            fields.pop("data", None)
+        fields = _fields(record)
         parts = [
             self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
             record.levelname,
@@ -69,11 +97,16 @@ class KeyValueFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """Send every logger's lines to stderr in Hookline's format."""
+def setup_logging(level: str = "INFO", style: str = "auto") -> None:
+    """Send every logger's lines to stderr: JSON, or `key=value` text.
+
+    `auto` writes text to a terminal and JSON anywhere else (files, collectors).
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ContextFilter())
-    handler.setFormatter(KeyValueFormatter())
+    if style == "auto":
+        style = "text" if sys.stderr.isatty() else "json"
+    handler.setFormatter(JsonFormatter() if style == "json" else KeyValueFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

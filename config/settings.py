@@ -65,6 +65,7 @@ class Settings:
     CELERY_BROKER_KEYPREFIX: str = ""
     HOOKLINE_REDIS_PREFIX: str = "hookline:"
     LOG_LEVEL: str = "INFO"
+    LOG_FORMAT: str = "auto"
 
     @property
     def broker_url(self) -> str:

@@ -9,6 +9,7 @@ its own and drops it at the end.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -136,6 +137,7 @@ def environment(
         "HOOKLINE_RETRY_BASE": "0.2",
         "HOOKLINE_MAX_RETRIES": "4",
         "HOOKLINE_LEASE_SECONDS": "6",
+        "LOG_FORMAT": "json",
     }
 
 
@@ -164,6 +166,14 @@ class Stack:
             self.gateway_url, SECRET, event, fixture_bytes(name), delivery_id
         )
         return delivery_id, response.status_code
+
+    def log_records(self) -> list[dict]:
+        """Return every JSON log line the stack's processes wrote so far."""
+        return [
+            json.loads(line)
+            for line in self.log_text().splitlines()
+            if line.startswith("{")
+        ]
 
     def log_text(self) -> str:
         """Return everything the stack's processes logged so far."""

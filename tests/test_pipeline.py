@@ -267,10 +267,9 @@ def test_comment_refused_with_4xx_is_recorded_not_retried(running: Stack) -> Non
     assert "answered 404" in callback.last_error
     assert len(running.fake.requests("POST", "/issues/1/comments")) == 1
     assert running.fake.comments() == []
-    failed_lines = [
-        line for line in running.log_text().splitlines() if "callback.failed" in line
-    ]
-    assert any(f"delivery={delivery_id}" in line for line in failed_lines)
+    failed = [r for r in running.log_records() if r["message"] == "callback.failed"]
+    assert [r["delivery"] for r in failed] == [delivery_id]
+    assert failed[0]["status"] == 404
 
 
 def test_failing_agent_posts_a_notice_without_its_stderr(running: Stack) -> None:
@@ -291,17 +290,17 @@ def test_every_log_line_about_a_delivery_names_it(running: Stack) -> None:
 
     callback_of(running, delivery_id)
     time.sleep(0.5)
-    events = {"delivery.accepted", "delivery.job", "conversation.started"}
-    events |= {"agent.finished", "callback.posted"}
-    lines = [
-        line
-        for line in running.log_text().splitlines()
-        if delivery_id in line or any(f" {event} " in line for event in events)
-    ]
-    mine = [line for line in lines if f"delivery={delivery_id}" in line]
+    mentioning = [r for r in running.log_records() if delivery_id in json.dumps(r)]
+
+    assert all(r.get("delivery") == delivery_id for r in mentioning)
     assert {
-        event for event in events if any(f" {event} " in line for line in mine)
-    } == (events)
+        "delivery.accepted",
+        "delivery.job",
+        "conversation.started",
+        "agent.finished",
+        "callback.posted",
+    } <= {r["message"] for r in mentioning}
+    assert all(r["task"] for r in mentioning if r["logger"].startswith("tasks."))
 
 
 def test_hostile_deliveries_get_a_verdict_and_the_pools_keep_working(

@@ -5,5 +5,5 @@ from config.settings import load_settings
 from webhook_gateway.app import create_app
 
 _settings = load_settings()
-setup_logging(_settings.LOG_LEVEL)
+setup_logging(_settings.LOG_LEVEL, _settings.LOG_FORMAT)
 app = create_app(_settings)
