@@ -373,6 +373,32 @@ class FakeGitHub:
             self._hook_bodies[guid] = (event, body)
         return delivery_id
 
+    def add_review_comment(
+        self,
+        repository: str,
+        number: int,
+        body: str,
+        login: str = "octo-user",
+        in_reply_to: int | None = None,
+    ) -> int:
+        """Seed a review comment on a pull request; return its id."""
+        now = _timestamp(_utcnow())
+        with self._lock:
+            comment_id = self._next_id()
+            comment = {
+                "id": comment_id,
+                "body": body,
+                "user": {"login": login, "type": "User"},
+                "created_at": now,
+                "updated_at": now,
+            }
+            if in_reply_to is not None:
+                comment["in_reply_to_id"] = in_reply_to
+            self._review_comments.setdefault((repository.lower(), number), []).append(
+                comment
+            )
+        return comment_id
+
     def redeliver_to(self, events_url: str, secret: str) -> None:
         """Send redeliveries requested through the API to `events_url`."""
         _require_loopback(urlsplit(events_url).hostname or "")

@@ -304,10 +304,18 @@ class GitHubClient:
             params["since"] = since
         return self._call("GET", path, params=params)[:limit]
 
-    def review_comments(self, repository: str, number: int, since: str) -> list:
-        """Return up to 100 review comments on a pull request updated since `since`."""
+    def review_comments(
+        self, repository: str, number: int, since: str | None = None
+    ) -> list:
+        """Return up to 100 review comments on a pull request, oldest first.
+
+        `since` (ISO 8601) keeps only comments updated at or after that time.
+        """
         path = f"/repos/{repository}/pulls/{number}/comments"
-        return self._call("GET", path, params={"per_page": 100, "since": since})
+        params: dict[str, object] = {"per_page": 100}
+        if since:
+            params["since"] = since
+        return self._call("GET", path, params=params)
 
     def pull_request(self, repository: str, number: int) -> dict:
         """Return a pull request, with its head branch."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from celery import Task
 from sqlalchemy import select
@@ -21,7 +21,10 @@ from workers.celery_app import RUN_AGENT_TASK, START_CONVERSATION_TASK, app
 
 log = logging.getLogger(__name__)
 
+# Long contexts are cut, with a note saying so, rather than refused or let through.
 CONTEXT_COMMENTS = 30
+COMMENT_CHARS = 4_000
+DESCRIPTION_CHARS = 20_000
 
 
 @dataclass(frozen=True)
@@ -31,21 +34,57 @@ class Context:
     issue: dict
     comments: list[dict]
     branch: str | None
+    thread: list[dict] = field(default_factory=list)
+    omitted_comments: int = 0
+
+
+def _cut(text: str | None, limit: int) -> str:
+    text = text or ""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n… (cut: {len(text) - limit} more characters)"
+
+
+def _shortened(comments: list[dict]) -> list[dict]:
+    return [
+        {**comment, "body": _cut(comment.get("body"), COMMENT_CHARS)}
+        for comment in comments
+    ]
 
 
 def load_context(client: GitHubClient, trigger: Trigger) -> Context:
-    """Fetch the issue (or pull request), its earlier comments and its branch."""
+    """Fetch the issue or pull request, its comments, branch and review thread."""
     repository, number = trigger["repository"], trigger["number"]
     issue = client.issue(repository, number)
-    comments = [
+    issue = {**issue, "body": _cut(issue.get("body"), DESCRIPTION_CHARS)}
+    earlier = [
         comment
-        for comment in client.issue_comments(repository, number, CONTEXT_COMMENTS)
+        for comment in client.issue_comments(repository, number)
         if comment.get("id") != trigger["comment_id"]
     ]
+    # The most recent comments matter most; older ones are counted, not shown.
+    shown = earlier[-CONTEXT_COMMENTS:]
+    omitted = max(int(issue.get("comments") or 0), len(earlier)) - len(shown)
+
     branch = trigger["head_ref"]
     if trigger["kind"] != "issue" and branch is None:
         branch = client.pull_request(repository, number)["head"]["ref"]
-    return Context(issue=issue, comments=comments, branch=branch)
+    thread: list[dict] = []
+    if trigger["thread_id"] is not None:
+        thread = [
+            comment
+            for comment in client.review_comments(repository, number)
+            if trigger["thread_id"]
+            in (comment.get("id"), comment.get("in_reply_to_id"))
+            and comment.get("id") != trigger["comment_id"]
+        ]
+    return Context(
+        issue=issue,
+        comments=_shortened(shown),
+        branch=branch,
+        thread=_shortened(thread[-CONTEXT_COMMENTS:]),
+        omitted_comments=max(omitted, 0),
+    )
 
 
 def render_instructions(trigger: Trigger, context: Context, override_dir: str) -> str:
@@ -57,6 +96,8 @@ def render_instructions(trigger: Trigger, context: Context, override_dir: str) -
         issue=context.issue,
         comments=context.comments,
         branch=context.branch,
+        thread=context.thread,
+        omitted_comments=context.omitted_comments,
     )
 
 

@@ -35,6 +35,7 @@ class Trigger(TypedDict):
     line: int | None
     diff_hunk: str | None
     head_ref: str | None
+    thread_id: int | None  # the review thread's first comment, for inline triggers
 
 
 @dataclass(frozen=True)
@@ -237,6 +238,7 @@ def _issue_trigger(payload: dict, repository: str, installation_id: int) -> Deci
             line=None,
             diff_hunk=None,
             head_ref=None,
+            thread_id=None,
         ),
     )
 
@@ -267,6 +269,7 @@ def _issue_comment_trigger(
             line=None,
             diff_hunk=None,
             head_ref=None,
+            thread_id=None,
         ),
     )
 
@@ -304,5 +307,6 @@ def _review_comment_trigger(
             line=line if type(line) is int else None,
             diff_hunk=_text(comment, "diff_hunk") or None,
             head_ref=_text(head, "ref") or None,
+            thread_id=thread_id,
         ),
     )

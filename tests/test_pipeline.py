@@ -332,3 +332,45 @@ def test_hostile_deliveries_get_a_verdict_and_the_pools_keep_working(
     assert verdict_of(running, deep_id).verdict in {"ignored", "failed"}
     assert callback_of(running, normal_id).status == "posted"
     assert len(running.fake.comments()) == 1
+
+
+def test_inline_trigger_sees_its_whole_review_thread_and_nothing_else(
+    running: Stack,
+) -> None:
+    repository = "octo-user/Hello-World"
+    running.fake.add_review_comment(
+        repository, 2, "Could this be a helper?", "reviewer", in_reply_to=284312630
+    )
+    running.fake.add_review_comment(
+        repository, 2, "Agreed, and it needs a test.", "maintainer", 284312630
+    )
+    running.fake.add_review_comment(repository, 2, "Unrelated nit elsewhere.")
+    delivery_id, _ = running.send(
+        "pull_request_review_comment.created.json", "pull_request_review_comment"
+    )
+
+    callback_of(running, delivery_id)
+    instructions = conversation_of(running, delivery_id).instructions
+    assert "The review thread so far:" in instructions
+    assert "- reviewer: Could this be a helper?" in instructions
+    assert "- maintainer: Agreed, and it needs a test." in instructions
+    assert "Unrelated nit" not in instructions
+
+
+def test_long_context_is_cut_with_a_visible_note(running: Stack) -> None:
+    comments = [
+        {"user": {"login": f"user{n}"}, "body": f"comment {n} " + "x" * 5000}
+        for n in range(40)
+    ]
+    running.fake.add_issue(
+        "octo-user/Hello-World", 1, "Long", "y" * 30_000, comments=comments
+    )
+    delivery_id, _ = running.send("issues.labeled.json", "issues")
+
+    assert callback_of(running, delivery_id).status == "posted"
+    instructions = conversation_of(running, delivery_id).instructions
+    assert "Earlier comments (the 10 oldest are not shown):" in instructions
+    assert "- user39: comment 39" in instructions
+    assert "- user9: comment 9 " not in instructions
+    assert "… (cut: 10000 more characters)" in instructions
+    assert "… (cut: 1011 more characters)" in instructions
