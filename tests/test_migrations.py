@@ -75,3 +75,24 @@ def test_upgrade_builds_the_schema_on_the_sqlite_default(tmp_path) -> None:
     migrate(url)
 
     assert schema(url) == MODEL_SCHEMA
+
+
+def test_upgrade_from_the_previous_revision_keeps_the_rows(fresh_postgres) -> None:
+    config = alembic_config(fresh_postgres)
+    command.upgrade(config, "0001")
+    engine = create_engine(driver_url(fresh_postgres))
+    with engine.begin() as connection:
+        connection.exec_driver_sql(
+            "INSERT INTO deliveries (delivery_id, event, verdict, reason, created_at,"
+            " updated_at) VALUES ('d-1', 'issues', 'ignored', 'kept', now(), now())"
+        )
+
+    command.upgrade(config, "head")
+
+    with engine.connect() as connection:
+        reason = connection.exec_driver_sql(
+            "SELECT reason FROM deliveries WHERE delivery_id = 'd-1'"
+        ).scalar_one()
+    engine.dispose()
+    assert reason == "kept"
+    assert schema(fresh_postgres) == MODEL_SCHEMA
