@@ -28,6 +28,7 @@ ENDPOINT_PERMISSIONS: list[tuple[str, str, tuple[str, str] | None]] = [
     ("GET", _REPO + r"/issues/\d+", ("issues", "read")),
     ("GET", _REPO + r"/issues/\d+/comments", ("issues", "read")),
     ("GET", _REPO + r"/pulls/\d+", ("pull_requests", "read")),
+    ("GET", _REPO + r"/pulls/\d+/comments", ("pull_requests", "read")),
     ("POST", _REPO + r"/issues/\d+/reactions", ("issues", "write")),
     ("POST", _REPO + r"/issues/comments/\d+/reactions", ("issues", "write")),
     ("POST", _REPO + r"/pulls/comments/\d+/reactions", ("pull_requests", "write")),
