@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # What `make run` starts; e.g. `make run PROCESSES="web classify"` for fewer.
 PROCESSES ?= web classify conversations agent callbacks beat flower
 
-.PHONY: demo test lint run clean
+.PHONY: demo test lint run bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/honcho run alembic upgrade head
 	$(VENV)/bin/honcho start $(PROCESSES)
+
+bench: $(STAMP)
+	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import sys
+import threading
 from functools import cache
 
 import kombu.exceptions
@@ -57,10 +58,29 @@ def redis_client() -> redis.Redis:
     )
 
 
-@cache
+_thread = threading.local()
+
+
 def http_session() -> requests.Session:
-    """Return this worker's HTTP session, keeping connections to GitHub alive."""
-    return requests.Session()
+    """Return this thread's HTTP session, keeping connections to GitHub alive."""
+    # One per thread: pools that run tasks in threads share no Session state.
+    session = getattr(_thread, "http_session", None)
+    if session is None:
+        session = _thread.http_session = _new_session()
+    return session
+
+
+def _new_session() -> requests.Session:
+    session = requests.Session()
+    # Proxies and CA bundle come from the environment: read once here, since with
+    # trust_env requests scans the environment again on every call (0.3 ms each).
+    environment = session.merge_environment_settings(
+        settings().GITHUB_API_URL, {}, None, None, None
+    )
+    session.proxies.update(environment["proxies"])
+    session.verify = environment["verify"]
+    session.trust_env = False
+    return session
 
 
 @signals.worker_init.connect
@@ -78,7 +98,7 @@ def github_app() -> GitHubApp:
     """Return the App identity; fails with the missing variable's name."""
     app_id, private_key = settings().require_app_credentials()
     try:
-        serialization.load_pem_private_key(private_key.encode(), password=None)
+        key = serialization.load_pem_private_key(private_key.encode(), password=None)
     except (ValueError, TypeError):
         raise ConfigError(
             "The GitHub App private key (GITHUB_APP_PRIVATE_KEY_PATH or "
@@ -87,7 +107,9 @@ def github_app() -> GitHubApp:
     return GitHubApp(
         api_url=settings().GITHUB_API_URL.rstrip("/"),
         app_id=app_id,
-        private_key=private_key,
+        # The parsed key: from PEM text PyJWT would parse and check it again for
+        # every JWT it signs, 40 ms each, where signing alone takes 0.3 ms.
+        private_key=key,  # type: ignore[arg-type]
         timeout=settings().HOOKLINE_GITHUB_TIMEOUT,
         session=http_session(),
         key_prefix=settings().HOOKLINE_REDIS_PREFIX,

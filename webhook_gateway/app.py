@@ -17,10 +17,10 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from config.logging import bound_delivery
 from config.settings import Settings, load_settings
-from webhook_gateway.dedup import Deduplicator
+from webhook_gateway.dedup import Deduplicator, body_digest
 from webhook_gateway.health import bp as health_bp
 from webhook_gateway.signature import is_valid_signature
-from workers.celery_app import CLASSIFY_TASK, create_celery
+from workers.celery_app import CLASSIFY_TASK, RedisTaskMessages, create_celery
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ _EVENT_NAME = re.compile(r"[a-z_]{1,64}")
 _DELIVERY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,71}")
 
 bp = Blueprint("github_events", __name__)
+_READ_CHUNK = 1 << 20
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Gateway:
     secret: bytes
     deduplicator: Deduplicator
     celery: Celery
+    # Set when the broker is the claims' Redis: the claim then queues the task too.
+    messages: RedisTaskMessages | None = None
 
 
 def _gateway() -> Gateway:
@@ -50,23 +53,36 @@ def _refuse(status: int, reason: str, message: str) -> tuple[Response, int]:
     return jsonify(reason=reason, message=message), status
 
 
-def _read_body(limit: int) -> bytes | None:
+def _read_body(limit: int) -> bytearray | None:
     """Return the raw body, or None when it is longer than `limit` bytes."""
-    if request.content_length is not None:
-        if request.content_length > limit:
+    length = request.content_length
+    if length is not None:
+        if length > limit:
             return None
-        return request.get_data(cache=False)
+        # Filled in place, a megabyte at a time: get_data() holds a body twice
+        # (its buffer, then the bytes made of it), 50 MB for a 25 MB delivery.
+        body = bytearray(length)
+        with memoryview(body) as view:
+            filled = 0
+            while filled < length:
+                chunk = request.stream.read(min(_READ_CHUNK, length - filled))
+                if not chunk:
+                    break
+                view[filled : filled + len(chunk)] = chunk
+                filled += len(chunk)
+        del body[filled:]
+        return body
     # Chunked: no length up front, so read one byte past the limit to notice it.
     body = bytearray()
     while len(body) <= limit:
         chunk = request.stream.read(min(1 << 16, limit + 1 - len(body)))
         if not chunk:
-            return bytes(body)
+            return body
         body += chunk
     return None
 
 
-def _payload_text(raw: bytes, content_type: str) -> str | None:
+def _payload_text(raw: bytes | bytearray, content_type: str) -> str | None:
     """Return the JSON text of a JSON or form-encoded delivery if it is an object.
 
     The text, not the parsed object, is what gets queued: the worker parses it
@@ -78,10 +94,19 @@ def _payload_text(raw: bytes, content_type: str) -> str | None:
             text = fields["payload"][0]
         else:
             text = raw.decode("utf-8")
-        payload = json.loads(text)
+        payload = json.loads(text, object_pairs_hook=_parsed_object)
     except (ValueError, KeyError, RecursionError):
         return None
-    return text if isinstance(payload, dict) else None
+    return text if payload is _AN_OBJECT else None
+
+
+# Only whether the body is an object matters: each object is dropped as soon as it
+# is parsed, so checking a 25 MB delivery does not build its whole tree in memory.
+_AN_OBJECT = object()
+
+
+def _parsed_object(_: list[tuple[str, object]]) -> object:
+    return _AN_OBJECT
 
 
 @bp.post(EVENTS_PATH)
@@ -134,13 +159,21 @@ def _receive(gateway: Gateway, delivery_id: str) -> tuple[Response, int]:
     text = _payload_text(raw, content_type)
     if text is None:
         return _refuse(400, "malformed_payload", "The body is not a JSON object.")
+    # From here on the text is the delivery: a 25 MB body is not held twice.
+    digest = body_digest(raw)
+    del raw
 
     if event == "ping":
         log.info("delivery.ping")
         return jsonify(status="pong", delivery=delivery_id), 200
 
+    queue = None
+    if gateway.messages is not None:
+        kwargs = {"delivery_id": delivery_id, "event": event, "body": text}
+        message = gateway.messages.build(CLASSIFY_TASK, kwargs, large="body")
+        queue = (gateway.messages.queue_key(CLASSIFY_TASK), message)
     try:
-        claim = gateway.deduplicator.claim(delivery_id, raw)
+        claim = gateway.deduplicator.claim(delivery_id, digest, queue)
     except redis.RedisError as exc:
         log.error("delivery.dedup_unavailable", extra={"error": type(exc).__name__})
         return _refuse(503, "dedup_unavailable", "Try again: Redis did not answer.")
@@ -148,18 +181,19 @@ def _receive(gateway: Gateway, delivery_id: str) -> tuple[Response, int]:
         log.info("delivery.duplicate", extra={"event": event})
         return jsonify(status="duplicate", delivery=delivery_id), 200
 
-    try:
-        gateway.celery.send_task(
-            CLASSIFY_TASK,
-            kwargs={"delivery_id": delivery_id, "event": event, "body": text},
-        )
-    except Exception as exc:
-        # Let go of the claim so that GitHub's redelivery of this id gets through.
-        claim.release()
-        log.error("delivery.enqueue_failed", extra={"error": type(exc).__name__})
-        return _refuse(
-            503, "queue_unavailable", "Try again: the broker did not answer."
-        )
+    if queue is None:
+        try:
+            gateway.celery.send_task(
+                CLASSIFY_TASK,
+                kwargs={"delivery_id": delivery_id, "event": event, "body": text},
+            )
+        except Exception as exc:
+            # Let go of the claim so that GitHub's redelivery of this id gets through.
+            claim.release()
+            log.error("delivery.enqueue_failed", extra={"error": type(exc).__name__})
+            return _refuse(
+                503, "queue_unavailable", "Try again: the broker did not answer."
+            )
 
     log.info("delivery.accepted", extra={"event": event})
     return jsonify(status="queued", delivery=delivery_id), 202
@@ -170,6 +204,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or load_settings()
     secret = settings.require_webhook_secret()
 
+    celery = create_celery(settings, publisher=True)
     app = Flask(__name__)
     # A second guard: Werkzeug refuses to read past this, whatever the framing.
     app.config["MAX_CONTENT_LENGTH"] = settings.HOOKLINE_MAX_BODY_BYTES + 1
@@ -184,7 +219,12 @@ def create_app(settings: Settings | None = None) -> Flask:
             settings.HOOKLINE_BODY_TTL,
             settings.HOOKLINE_REDIS_PREFIX,
         ),
-        celery=create_celery(settings, publisher=True),
+        celery=celery,
+        messages=(
+            RedisTaskMessages(celery, settings)
+            if RedisTaskMessages.applies_to(settings)
+            else None
+        ),
     )
     app.register_blueprint(bp)
     app.register_blueprint(health_bp, settings=settings)
