@@ -144,15 +144,8 @@ class GitHubApp:
 
     def mint_installation_token(self, installation_id: int) -> tuple[str, float]:
         """Ask GitHub for an installation token; return it and its lifetime in s."""
-        url = f"{self.api_url}/app/installations/{installation_id}/access_tokens"
-        response = _send(
-            self.session,
-            "POST",
-            url,
-            self.timeout,
-            headers={"Authorization": f"Bearer {self.jwt()}"},
-        )
-        body = response.json()
+        path = f"/app/installations/{installation_id}/access_tokens"
+        body = self.call("POST", path).json()
         expires_at = datetime.fromisoformat(body["expires_at"].replace("Z", "+00:00"))
         return body["token"], expires_at.timestamp() - time.time()
 
