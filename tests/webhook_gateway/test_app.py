@@ -6,67 +6,23 @@ count exactly the messages a request queued.
 
 from __future__ import annotations
 
-import base64
 import io
-import json
 import socket
 import time
 import uuid
-from collections.abc import Iterator
 from urllib.parse import urlencode
 
 import pytest
-import redis
 from flask.testing import FlaskClient
 
-from config.settings import load_settings
-from tests.conftest import PREFIX, REDIS_URL, SECRET, fixture_bytes
-from webhook_gateway.app import EVENTS_PATH, create_app
+from tests.conftest import SECRET, fixture_bytes
+from tests.webhook_gateway.conftest import gateway, queued
+from webhook_gateway.app import EVENTS_PATH
 from webhook_gateway.signature import sign
 
-QUIET_BROKER_URL = "redis://127.0.0.1:6379/12"
-QUEUE = f"{PREFIX}classify"
 BODY = fixture_bytes("issue_comment.created.json")
 # What gunicorn tells the app for a chunked body: read the stream to its end.
 CHUNKED = {"wsgi.input_terminated": True}
-
-
-def gateway(**overrides: object) -> FlaskClient:
-    settings = load_settings(
-        environ={},
-        overrides={
-            "GITHUB_APP_WEBHOOK_SECRET": SECRET,
-            "REDIS_URL": REDIS_URL,
-            "CELERY_BROKER_URL": QUIET_BROKER_URL,
-            "CELERY_BROKER_KEYPREFIX": PREFIX,
-            "HOOKLINE_REDIS_PREFIX": PREFIX,
-            **overrides,
-        },
-    )
-    return create_app(settings).test_client()
-
-
-@pytest.fixture
-def broker() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(QUIET_BROKER_URL)
-    client.delete(QUEUE)
-    yield client
-    client.delete(QUEUE)
-
-
-@pytest.fixture
-def client(redis_client: redis.Redis, broker: redis.Redis) -> FlaskClient:
-    for key in redis_client.scan_iter(f"{PREFIX}delivery:*"):
-        redis_client.delete(key)
-    for key in redis_client.scan_iter(f"{PREFIX}body:*"):
-        redis_client.delete(key)
-    return gateway()
-
-
-def queued(broker: redis.Redis) -> list[dict]:
-    """Return the kwargs of every task message waiting in the classify queue."""
-    messages = [json.loads(raw) for raw in broker.lrange(QUEUE, 0, -1)]
-    return [json.loads(base64.b64decode(m["body"]))[1] for m in messages]
 
 
 def post(

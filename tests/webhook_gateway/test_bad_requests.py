@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import PREFIX, SECRET, fixture_bytes
-from tests.webhook_gateway.test_app import EVENTS_PATH, gateway, queued
+from tests.conftest import SECRET, fixture_bytes
+from tests.webhook_gateway.conftest import queued
+from webhook_gateway.app import EVENTS_PATH
 from webhook_gateway.signature import sign
 
 BODY = fixture_bytes("issues.labeled.json")
@@ -134,25 +135,6 @@ for name, body, status in [
     ("form payload object", b"payload=%7B%22a%22%3A1%7D", 202),
 ]:
     CORPUS.append((name, body, {**signed(body), "Content-Type": FORM}, status))
-
-
-@pytest.fixture
-def client(redis_client, broker):
-    for key in redis_client.scan_iter(f"{PREFIX}body:*"):
-        redis_client.delete(key)
-    return gateway()
-
-
-@pytest.fixture
-def broker():
-    import redis
-
-    from tests.webhook_gateway.test_app import QUEUE, QUIET_BROKER_URL
-
-    quiet = redis.Redis.from_url(QUIET_BROKER_URL)
-    quiet.delete(QUEUE)
-    yield quiet
-    quiet.delete(QUEUE)
 
 
 @pytest.mark.parametrize(
