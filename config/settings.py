@@ -49,7 +49,12 @@ class Settings:
     DATABASE_URL: str = DEFAULT_DATABASE_URL
     OH_LABEL: str = "openhands"
     INLINE_OH_LABEL: str = "@openhands"
+    HOOKLINE_RUNTIME: str = "command"
     HOOKLINE_AGENT_COMMAND: str = ""
+    OPENHANDS_URL: str = ""
+    OPENHANDS_API_KEY: str = ""
+    OPENHANDS_POLL_INTERVAL: float = 1.0
+    OPENHANDS_POLL_MAX_INTERVAL: float = 15.0
     HOOKLINE_AGENT_TIMEOUT: float = 900.0
     HOOKLINE_TEMPLATES_DIR: str = ""
     HOOKLINE_MAX_BODY_BYTES: int = 25 * 1024 * 1024
@@ -64,8 +69,19 @@ class Settings:
     CELERY_VISIBILITY_TIMEOUT: int = 1800
     CELERY_BROKER_KEYPREFIX: str = ""
     HOOKLINE_REDIS_PREFIX: str = "hookline:"
+    # Outgoing status webhooks: space-separated URLs, their secret, and batching.
+    HOOKLINE_STATUS_WEBHOOK_URLS: str = ""
+    HOOKLINE_STATUS_WEBHOOK_SECRET: str = ""
+    HOOKLINE_STATUS_WEBHOOK_BATCH_SIZE: int = 50
+    HOOKLINE_STATUS_WEBHOOK_BATCH_DELAY: float = 5.0
+    HOOKLINE_STATUS_WEBHOOK_ATTEMPTS: int = 4
     LOG_LEVEL: str = "INFO"
     LOG_FORMAT: str = "auto"
+    # Prometheus: a bearer token for /metrics (empty: open), and a pool's own port.
+    HOOKLINE_METRICS_TOKEN: str = ""
+    HOOKLINE_WORKER_METRICS_PORT: int = 0
+    # All interfaces by default: Prometheus scrapes the pools from elsewhere.
+    HOOKLINE_WORKER_METRICS_HOST: str = "0.0.0.0"  # noqa: S104
 
     @property
     def broker_url(self) -> str:

@@ -10,8 +10,10 @@ delivery did not get the outcome examples/deliveries/INDEX.json expects.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -32,7 +34,7 @@ from config.settings import Settings
 from hookline.db import session_scope
 from hookline.devtools import free_port, generate_app_key, send_delivery
 from hookline.fake_github import FakeGitHub
-from hookline.models import Callback, CallbackStatus, Conversation, Delivery
+from hookline.models import Callback, CallbackStatus, Delivery, Turn
 
 ROOT = Path(__file__).resolve().parent.parent
 POOLS = ["web", "classify", "conversations", "agent", "callbacks"]
@@ -99,32 +101,50 @@ def _outcome_of(sent: Sent, database_url: str, fake: FakeGitHub) -> bool:
         sent.outcome = [f"{delivery.verdict}: {delivery.reason}"]
         if delivery.verdict != "job":
             return True
-        conversation = session.scalars(
-            select(Conversation).where(Conversation.delivery_id == sent.delivery_id)
+        # Every request is a turn: the first of a conversation, or a follow-up.
+        turn = session.scalars(
+            select(Turn).where(Turn.delivery_id == sent.delivery_id)
         ).one_or_none()
-        if conversation is None:
+        if turn is None:
             return False
         callback = session.scalars(
-            select(Callback).where(Callback.conversation_id == conversation.id)
+            select(Callback).where(
+                Callback.conversation_id == turn.conversation_id,
+                Callback.turn == turn.number,
+                Callback.event.in_(["finished", "awaiting_input", "error"]),
+            )
         ).one_or_none()
         if callback is None or callback.status == CallbackStatus.PENDING:
             return False
-        reactions = [
-            r for r in fake.reactions() if r["path"] == conversation.reaction_path
-        ]
-        for reaction in reactions:
-            sent.outcome.append(
-                f"reaction {reaction['content']!r} on {reaction['path']}"
-            )
+        conversation = turn.conversation
+        sent.outcome.append(
+            f"conversation {conversation.id}, turn {turn.number}: "
+            f"{callback.event} (now {conversation.status})"
+        )
+        for reaction in fake.reactions():
+            if reaction["path"] == turn.reaction_path:
+                sent.outcome.append(
+                    f"reaction {reaction['content']!r} on {reaction['path']}"
+                )
         comments = [c for c in fake.comments() if c["id"] == callback.github_comment_id]
         if callback.status != CallbackStatus.POSTED or not comments:
             sent.outcome.append(f"callback {callback.status}: {callback.last_error}")
             return True
-        sent.outcome.append(f"comment posted at {comments[0]['path']}:")
+        edited = (
+            " (the turn's 'working on it' comment, edited)"
+            if comments[0].get("edits")
+            else ""
+        )
+        sent.outcome.append(f"comment posted at {comments[0]['path']}{edited}:")
         sent.outcome.append(
-            textwrap.indent(comments[0]["body"].strip(), "  | ", lambda _: True)
+            textwrap.indent(_visible(comments[0]["body"]), "  | ", lambda _: True)
         )
         return True
+
+
+def _visible(body: str) -> str:
+    """Return a comment as GitHub shows it: without its hidden marks."""
+    return re.sub(r"\n*<!-- hookline:[^>]*-->", "", body).strip()
 
 
 def _expected(sent: Sent) -> bool:
@@ -254,25 +274,65 @@ def _send_all(
         ]
         time.sleep(0.2)
 
-    failures = 0
     for item in sent:
         item.ok = item not in pending and _expected(item)
-        failures += not item.ok
-        mark = "ok  " if item.ok else "FAIL"
-        print(f"{mark} {item.file}  (X-GitHub-Event: {item.event}, HTTP {item.status})")
-        print(f"     delivery  {item.delivery_id}")
-        print(f"     expected  {item.expect}")
-        for line in item.outcome or ["no outcome recorded in time"]:
-            print(textwrap.indent(line, "     "))
-        print()
+        _show(item)
     for line in replay:
         print(line)
+
+    print("\nA conversation: a question, its answer, and an error on another issue\n")
+    template = json.loads((deliveries / "issue_comment.created.json").read_bytes())
+    for number, (issue, text, expect) in enumerate(SCENE, start=1):
+        payload = copy.deepcopy(template)
+        payload["issue"]["number"] = issue
+        payload["comment"]["id"] = 990_000 + number
+        payload["comment"]["body"] = text
+        item = Sent(f"comment on issue #{issue}", "issue_comment", expect, "")
+        item.delivery_id = str(uuid.uuid4())
+        body = json.dumps(payload).encode()
+        response = send_delivery(gateway, secret, item.event, body, item.delivery_id)
+        item.status = response.status_code
+        print(f"> {text}")
+        deadline = time.monotonic() + timeout
+        while not _outcome_of(item, database_url, fake):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        item.ok = any(f": {expect} (now" in line for line in item.outcome)
+        _show(item)
+        sent.append(item)
+
+    failures = sum(not item.ok for item in sent)
     comments, reactions = fake.comments(), fake.reactions()
     print(
         f"\n{len(sent) - failures}/{len(sent)} deliveries got the expected outcome; "
         f"fake GitHub received {len(comments)} comments and {len(reactions)} reactions."
     )
     return 1 if failures else 0
+
+
+# Comments the demo writes after the recorded deliveries, to show a question
+# answered in the same conversation and an error; see hookline/demo_agent.py.
+SCENE = [
+    (
+        7,
+        "@openhands the parser drops the last line. Ask me first: should the old "
+        "behaviour stay behind a flag?",
+        "awaiting_input",
+    ),
+    (7, "@openhands replace it, no flag needed.", "finished"),
+    (8, "@openhands fail on purpose, to show the error notice.", "error"),
+]
+
+
+def _show(item: Sent) -> None:
+    mark = "ok  " if item.ok else "FAIL"
+    print(f"{mark} {item.file}  (X-GitHub-Event: {item.event}, HTTP {item.status})")
+    print(f"     delivery  {item.delivery_id}")
+    print(f"     expected  {item.expect}")
+    for line in item.outcome or ["no outcome recorded in time"]:
+        print(textwrap.indent(line, "     "))
+    print()
 
 
 def _replay_checks(

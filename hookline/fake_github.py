@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -557,6 +558,18 @@ class FakeGitHub:
             self._create_review_reply,
             "POST",
         )
+        route(
+            f"{repo}/issues/comments/<int:comment_id>",
+            partial(self._edit_comment, self._issue_comments, "IssueComment"),
+            "PATCH",
+        )
+        route(
+            f"{repo}/pulls/comments/<int:comment_id>",
+            partial(
+                self._edit_comment, self._review_comments, "PullRequestReviewComment"
+            ),
+            "PATCH",
+        )
         route(f"{repo}/issues/<int:number>/reactions", self._create_reaction, "POST")
         route(
             f"{repo}/issues/comments/<int:comment_id>/reactions",
@@ -1005,6 +1018,40 @@ class FakeGitHub:
         response = jsonify(reply)
         response.status_code = 201
         return response
+
+    def _edit_comment(
+        self,
+        threads: dict[tuple[str, int], list[dict]],
+        resource: str,
+        owner: str,
+        repo: str,
+        comment_id: int,
+    ) -> Response:
+        text, error = self._comment_body(resource)
+        if error is not None:
+            return error
+        repository = f"{owner}/{repo}".lower()
+        with self._lock:
+            found = next(
+                (
+                    comment
+                    for (name, _number), thread in threads.items()
+                    if name == repository
+                    for comment in thread
+                    if comment["id"] == comment_id
+                ),
+                None,
+            )
+            if found is None:
+                return _github_error(404, "Not Found")
+            found["body"] = text
+            found["updated_at"] = _timestamp(_utcnow())
+            for record in self._comments:
+                if record["id"] == comment_id:
+                    record["body"] = text
+                    record["edits"] = record.get("edits", 0) + 1
+            edited = dict(found)
+        return jsonify(edited)
 
     def _create_reaction(self, owner: str, repo: str, **target: int) -> Response:
         body, error = self._json_body()

@@ -19,6 +19,8 @@ import redis
 import requests
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from hookline import metrics
+
 log = logging.getLogger(__name__)
 
 API_VERSION = "2022-11-28"
@@ -186,9 +188,11 @@ def _send(
             method, url, headers=headers, timeout=timeout, **kwargs
         )
     except (requests.ConnectionError, requests.Timeout) as exc:
+        metrics.github_call(method, url, None)
         raise TransientGitHubError(
             f"{method} {_path(url)} failed: {type(exc).__name__}"
         ) from exc
+    metrics.github_call(method, url, response.status_code)
     log.debug(
         "github.call",
         extra={"method": method, "path": _path(url), "status": response.status_code},
@@ -324,3 +328,19 @@ class GitHubClient:
     def create_comment(self, path: str, body: str) -> dict:
         """Post a comment, or a reply in a review thread, at `path`."""
         return self._call("POST", path, json={"body": body})
+
+    def edit_comment(self, path: str, body: str) -> dict:
+        """Replace the body of the comment at `path` (see `comment_path`)."""
+        return self._call("PATCH", path, json={"body": body})
+
+    def path_of(self, comment: dict) -> str | None:
+        """Return the API path of a comment GitHub returned (its `url`, less the base).
+
+        On GitHub Enterprise the base holds a path (`/api/v3`), so the url's path
+        alone would not do.
+        """
+        url = comment.get("url")
+        base = self._api_url.split("://", 1)[-1]
+        if not isinstance(url, str) or base not in url:
+            return None
+        return url.split(base, 1)[1] or None

@@ -11,6 +11,7 @@ import uuid
 
 from sqlalchemy.orm import Session
 
+from hookline import status_webhooks
 from hookline.models import ConversationStatus, ConversationTransition
 
 log = logging.getLogger(__name__)
@@ -20,8 +21,17 @@ ALLOWED: dict[ConversationStatus | None, set[ConversationStatus]] = {
     None: {S.QUEUED},
     S.QUEUED: {S.RUNNING, S.ERROR, S.STOPPED},
     # running → running: a run whose lease lapsed is taken over by another worker.
-    S.RUNNING: {S.RUNNING, S.AWAITING_INPUT, S.FINISHED, S.ERROR, S.STOPPED},
-    S.AWAITING_INPUT: {S.RUNNING, S.ERROR, S.STOPPED},
+    # running → queued: a turn ended while a follow-up waited; it goes next.
+    S.RUNNING: {
+        S.RUNNING,
+        S.QUEUED,
+        S.AWAITING_INPUT,
+        S.FINISHED,
+        S.ERROR,
+        S.STOPPED,
+    },
+    # awaiting_input → queued: the user answered; the answer waits for a worker.
+    S.AWAITING_INPUT: {S.QUEUED, S.ERROR, S.STOPPED},
     S.FINISHED: set(),
     S.ERROR: set(),
     S.STOPPED: set(),
@@ -70,6 +80,7 @@ def record(
             cause=cause,
         )
     )
+    status_webhooks.add_events(session, conversation_id, current, target, cause)
     log.info(
         "conversation.transition",
         extra={

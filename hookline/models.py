@@ -7,13 +7,17 @@ import uuid
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -91,6 +95,10 @@ class Conversation(Base):
     result: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
     run_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The turn being worked on, or the last one answered.
+    turn: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # The runtime's own id for this conversation, when it keeps one (OpenHands).
+    runtime_ref: Mapped[str | None] = mapped_column(String(200))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
@@ -99,17 +107,64 @@ class Conversation(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
 
     callbacks: Mapped[list[Callback]] = relationship(back_populates="conversation")
+    turns: Mapped[list[Turn]] = relationship(
+        back_populates="conversation", order_by="Turn.number"
+    )
+    transitions: Mapped[list[ConversationTransition]] = relationship(
+        order_by="ConversationTransition.id", viewonly=True
+    )
+
+
+class Turn(Base):
+    """One exchange in a conversation: what a person asked, and the agent's reply.
+
+    Turn 1 holds the rendered instructions; each follow-up mention adds a turn.
+    A turn that arrives while another runs waits, unanswered, for its turn.
+    """
+
+    __tablename__ = "conversation_turns"
+    __table_args__ = (UniqueConstraint("conversation_id", "number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("conversations.id"))
+    number: Mapped[int] = mapped_column(Integer)
+    delivery_id: Mapped[str] = mapped_column(String(72), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # where it was asked, as a trigger
+    author: Mapped[str] = mapped_column(String(100))
+    request: Mapped[str] = mapped_column(Text)
+    reply_path: Mapped[str] = mapped_column(Text)
+    reaction_path: Mapped[str] = mapped_column(Text)
+    # The "working on it" comment, which the turn's result replaces when it comes.
+    status_comment_id: Mapped[int | None] = mapped_column(BigInteger)
+    status_comment_path: Mapped[str | None] = mapped_column(Text)
+    reply: Mapped[str | None] = mapped_column(Text)
+    summary: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    answered_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    conversation: Mapped[Conversation] = relationship(back_populates="turns")
 
 
 class Callback(Base):
     """One report back to GitHub about a conversation's change of state."""
 
     __tablename__ = "callbacks"
-    __table_args__ = (UniqueConstraint("conversation_id", "event"),)
+    __table_args__ = (
+        UniqueConstraint(
+            "conversation_id",
+            "turn",
+            "event",
+            name="uq_callbacks_conversation_turn_event",
+        ),
+        UniqueConstraint("delivery_id", name="uq_callbacks_delivery_id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     conversation_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("conversations.id"))
+    turn: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     event: Mapped[str] = mapped_column(String(32))
+    # The delivery that asked for this callback, when one did (`@bot stop`).
+    delivery_id: Mapped[str | None] = mapped_column(String(72))
     status: Mapped[str] = mapped_column(String(16), default=CallbackStatus.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
@@ -136,3 +191,78 @@ class ConversationTransition(Base):
     to_status: Mapped[str] = mapped_column(String(16))
     cause: Mapped[str] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class StatusEvent(Base):
+    """One conversation state change owed to one status webhook URL (the outbox).
+
+    Added in the transaction that records the transition, so an event exists
+    exactly when its transition committed; hookline.status_webhooks builds it and
+    tasks.status_webhooks sends it.
+    """
+
+    class State(enum.StrEnum):
+        PENDING = "pending"
+        SENT = "sent"
+        FAILED = "failed"
+
+    __tablename__ = "status_events"
+    __table_args__ = (
+        UniqueConstraint(
+            "event_id", "target_url", name="uq_status_events_event_target"
+        ),
+        # What the flush claims: a target's pending rows, oldest first. Sent rows,
+        # the bulk of the table, stay out of the index.
+        Index(
+            "ix_status_events_pending",
+            "target_url",
+            "id",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Shared by the rows of one transition and kept across retries: receivers
+    # dedupe on it.
+    event_id: Mapped[uuid.UUID] = mapped_column()
+    conversation_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("conversations.id"), index=True
+    )
+    target_url: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default=State.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # The batch (X-Hookline-Batch) that last carried it.
+    batch_id: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class RunStatus(enum.StrEnum):
+    PENDING = "PENDING"
+    COMPLETED = "COMPLETED"
+    FAILURE = "FAILURE"
+
+
+class WorkflowRun(Base):
+    """A GitHub Actions run on a branch a conversation works on.
+
+    The runs of one commit form the conversation's group for that commit: once
+    every run in it has completed and one failed, the group is reported once.
+    """
+
+    __tablename__ = "workflow_runs"
+    __table_args__ = (Index("ix_workflow_runs_group", "conversation_id", "head_sha"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # GitHub's run id
+    conversation_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("conversations.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    head_sha: Mapped[str] = mapped_column(String(40))
+    status: Mapped[str] = mapped_column(String(16))
+    html_url: Mapped[str | None] = mapped_column(Text)
+    reported: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime, default=utcnow, onupdate=utcnow
+    )

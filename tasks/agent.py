@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from config.settings import Settings
@@ -24,6 +26,7 @@ from hookline.models import (
     CallbackStatus,
     Conversation,
     ConversationStatus,
+    Turn,
     utcnow,
 )
 from hookline.runtime import (
@@ -31,11 +34,14 @@ from hookline.runtime import (
     AgentRequest,
     AgentRuntime,
     AgentStatus,
+    Message,
+    Purpose,
     runtime_for,
 )
 from tasks import common
-from tasks.conversations import queue_run
-from workers.celery_app import POST_CALLBACK_TASK, RUN_AGENT_TASK, SWEEP_TASK, app
+from tasks.conversations import queue_callback, queue_run
+from tasks.rendering import render
+from workers.celery_app import RUN_AGENT_TASK, SWEEP_TASK, app
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +49,15 @@ log = logging.getLogger(__name__)
 MAX_RUN_ATTEMPTS = 3
 
 
-def claim_run(database_url: str, conversation_id: uuid.UUID, lease: int) -> bool:
-    """Take the lease on a queued run, or on one whose lease lapsed."""
+class Superseded(Exception):
+    """The turn is no longer this run's: stopped, or taken over and finished."""
+
+
+def claim_run(database_url: str, conversation_id: uuid.UUID, lease: int) -> int | None:
+    """Take the lease on a queued run, or on one whose lease lapsed.
+
+    Returns the turn to work on: the earliest one without a reply.
+    """
     now = utcnow()
     # Each claim is one conditional UPDATE, so two workers cannot both win; trying
     # the two cases apart tells which transition to record.
@@ -69,69 +82,162 @@ def claim_run(database_url: str, conversation_id: uuid.UUID, lease: int) -> bool
                     run_attempts=Conversation.run_attempts + 1,
                 )
             ).rowcount
-            if claimed:
-                cause = (
-                    "agent run started"
-                    if previous == ConversationStatus.QUEUED
-                    else "lease lapsed; run taken over"
+            if not claimed:
+                continue
+            turn = session.scalar(
+                select(func.min(Turn.number)).where(
+                    Turn.conversation_id == conversation_id, Turn.reply.is_(None)
                 )
-                lifecycle.record(
-                    session,
-                    conversation_id,
-                    previous,
-                    ConversationStatus.RUNNING,
-                    cause,
-                )
-                return True
-    return False
+            )
+            turn = turn or 1
+            session.execute(
+                update(Conversation)
+                .where(Conversation.id == conversation_id)
+                .values(turn=turn)
+            )
+            cause = (
+                f"agent run of turn {turn} started"
+                if previous == ConversationStatus.QUEUED
+                else f"lease lapsed; run of turn {turn} taken over"
+            )
+            lifecycle.record(
+                session, conversation_id, previous, ConversationStatus.RUNNING, cause
+            )
+            return turn
+    return None
 
 
-def renew_lease(database_url: str, conversation_id: uuid.UUID, lease: int) -> None:
-    """Push a running conversation's lease forward."""
+def renew_lease(database_url: str, conversation_id: uuid.UUID, lease: int) -> bool:
+    """Push a running conversation's lease forward; False if it no longer runs."""
     with session_scope(database_url) as session:
-        session.execute(
+        renewed = session.execute(
             update(Conversation)
             .where(
                 Conversation.id == conversation_id,
                 Conversation.status == ConversationStatus.RUNNING,
             )
             .values(lease_expires_at=utcnow() + timedelta(seconds=lease))
-        )
+        ).rowcount
+    return renewed > 0
 
 
-def finish_run(
-    database_url: str, conversation_id: uuid.UUID, outcome: AgentOutcome
-) -> str:
-    """Store how the run ended and the callback it owes, in one transaction."""
-    status = ConversationStatus(outcome.status.value)
+def remember_ref(database_url: str, conversation_id: uuid.UUID, ref: str) -> None:
+    """Store the runtime's own id for a conversation as soon as it names one."""
     with session_scope(database_url) as session:
-        conversation = session.get_one(Conversation, conversation_id)
-        lifecycle.record(
-            session,
-            conversation_id,
-            conversation.status,
-            status,
-            outcome.error or "agent finished",
+        session.execute(
+            update(Conversation)
+            .where(Conversation.id == conversation_id)
+            .values(runtime_ref=ref)
         )
-        conversation.status = status.value
-        conversation.result = outcome.output or None
-        conversation.error = outcome.error or None
+
+
+def finish_turn(
+    database_url: str,
+    conversation_id: uuid.UUID,
+    turn_number: int,
+    outcome: AgentOutcome,
+    summary: str | None = None,
+) -> tuple[str, ConversationStatus]:
+    """Store a turn's reply, move the conversation on, and owe the turn's callback.
+
+    A turn that ends while a later one waits sends the conversation back to
+    the queue for it, whether the agent finished or asked; an error ends the
+    conversation. Returns the callback's event and the conversation's status.
+    """
+    event = outcome.status.value
+    with session_scope(database_url) as session:
+        conversation = session.get_one(
+            Conversation, conversation_id, with_for_update=True
+        )
+        if (
+            conversation.status != ConversationStatus.RUNNING
+            or conversation.turn != turn_number
+        ):
+            raise Superseded(
+                f"turn {turn_number} is over: the conversation is "
+                f"{conversation.status} at turn {conversation.turn}"
+            )
+        turn = session.scalars(
+            select(Turn).where(
+                Turn.conversation_id == conversation_id, Turn.number == turn_number
+            )
+        ).one()
+        turn.reply = outcome.output or f"(error) {outcome.error}"
+        turn.summary = summary
+        turn.answered_at = utcnow()
+        waiting = session.scalar(
+            select(func.count(Turn.id)).where(
+                Turn.conversation_id == conversation_id, Turn.number > turn_number
+            )
+        )
+        target = ConversationStatus(event)
+        cause = outcome.error or (
+            "agent finished"
+            if target == ConversationStatus.FINISHED
+            else "agent asked a question"
+        )
+        if waiting and target != ConversationStatus.ERROR:
+            target = ConversationStatus.QUEUED
+            cause = f"turn {turn_number} {event}; turn {turn_number + 1} is waiting"
+        lifecycle.record(session, conversation_id, conversation.status, target, cause)
+        conversation.status = target.value
         conversation.lease_expires_at = None
-        conversation.finished_at = utcnow()
-        session.add(Callback(conversation_id=conversation_id, event=status.value))
-    return status.value
+        if outcome.runtime_ref:
+            conversation.runtime_ref = outcome.runtime_ref
+        if outcome.status == AgentStatus.FINISHED:
+            conversation.result = outcome.output
+        if outcome.status == AgentStatus.ERROR:
+            conversation.error = outcome.error
+        if target == ConversationStatus.QUEUED:
+            conversation.run_attempts = 0
+        if target in (ConversationStatus.FINISHED, ConversationStatus.ERROR):
+            conversation.finished_at = utcnow()
+        session.add(
+            Callback(conversation_id=conversation_id, turn=turn_number, event=event)
+        )
+    return event, target
 
 
-def queue_callback(conversation_id: uuid.UUID, event: str, delivery_id: str) -> None:
-    """Hand a callback to the callback pool."""
-    app.send_task(
-        POST_CALLBACK_TASK,
-        kwargs={
-            "conversation_id": str(conversation_id),
-            "event": event,
-            "delivery_id": delivery_id,
-        },
+def transcript(conversation: Conversation, turn_number: int) -> tuple[Message, ...]:
+    """Return the conversation's messages up to the question of `turn_number`."""
+    messages: list[Message] = []
+    for turn in conversation.turns:
+        if turn.number > turn_number:
+            break
+        messages.append(Message("user", turn.request, turn.author))
+        if turn.number < turn_number and turn.reply is not None:
+            messages.append(Message("agent", turn.reply))
+    return tuple(messages)
+
+
+def summarize(
+    runtime: AgentRuntime,
+    request: AgentRequest,
+    question: AgentOutcome,
+    override_dir: str,
+    heartbeat: Callable[[], bool],
+    heartbeat_every: float,
+) -> str | None:
+    """Ask the runtime to sum up its progress before the question is posted."""
+    prompt = render("summary_prompt.j2", override_dir)
+    summary = runtime.run(
+        replace(
+            request,
+            messages=(
+                *request.messages,
+                Message("agent", question.output),
+                Message("hookline", prompt),
+            ),
+            runtime_ref=question.runtime_ref or request.runtime_ref,
+            purpose=Purpose.SUMMARY,
+        ),
+        heartbeat=heartbeat,
+        heartbeat_every=heartbeat_every,
     )
+    if summary.status == AgentStatus.ERROR:
+        log.warning("agent.no_summary", extra={"error": summary.error})
+        return None
+    return summary.output
 
 
 def run_conversation(
@@ -140,45 +246,69 @@ def run_conversation(
     delivery_id: str,
     runtime: AgentRuntime,
 ) -> str | None:
-    """Run one conversation's agent if no one else is, and queue its callback."""
+    """Run the agent on a conversation's next turn if no one else is on it."""
     url, lease = config.DATABASE_URL, config.HOOKLINE_LEASE_SECONDS
-    if not claim_run(url, conversation_id, lease):
+    turn_number = claim_run(url, conversation_id, lease)
+    if turn_number is None:
         log.info("agent.not_claimed", extra={"conversation": str(conversation_id)})
         return None
 
     with session_scope(url) as session:
         conversation = session.get_one(Conversation, conversation_id)
+        messages = transcript(conversation, turn_number)
+    summary = None
     if conversation.run_attempts > MAX_RUN_ATTEMPTS:
         outcome = AgentOutcome(
             AgentStatus.ERROR,
             error=f"the agent run was interrupted {MAX_RUN_ATTEMPTS} times",
         )
     else:
-        log.info("agent.started", extra={"conversation": str(conversation_id)})
-        outcome = runtime.run(
-            AgentRequest(
-                instructions=conversation.instructions,
-                context=_agent_context(conversation),
-                timeout=config.HOOKLINE_AGENT_TIMEOUT,
-            ),
-            heartbeat=lambda: renew_lease(url, conversation_id, lease),
-            heartbeat_every=lease / 3,
+        log.info(
+            "agent.started",
+            extra={"conversation": str(conversation_id), "turn": turn_number},
+        )
+        request = AgentRequest(
+            conversation_id=str(conversation_id),
+            messages=messages,
+            context=_agent_context(conversation),
+            timeout=config.HOOKLINE_AGENT_TIMEOUT,
+            runtime_ref=conversation.runtime_ref,
+            on_ref=lambda ref: remember_ref(url, conversation_id, ref),
         )
 
+        def heartbeat() -> bool:
+            return renew_lease(url, conversation_id, lease)
+
+        outcome = runtime.run(request, heartbeat, lease / 3)
+        if outcome.status == AgentStatus.AWAITING_INPUT:
+            summary = summarize(
+                runtime,
+                request,
+                outcome,
+                config.HOOKLINE_TEMPLATES_DIR,
+                heartbeat,
+                lease / 3,
+            )
+
     try:
-        event = finish_run(url, conversation_id, outcome)
-    except (IntegrityError, lifecycle.IllegalTransition):
-        # Another run of it finished first, or it was stopped meanwhile.
+        event, status = finish_turn(url, conversation_id, turn_number, outcome, summary)
+    except (IntegrityError, lifecycle.IllegalTransition, Superseded) as exc:
+        # Stopped meanwhile, or another run of this turn finished first.
         log.warning(
-            "agent.already_finished", extra={"conversation": str(conversation_id)}
+            "agent.superseded",
+            extra={"conversation": str(conversation_id), "reason": str(exc)},
         )
         return None
-    queue_callback(conversation_id, event, delivery_id)
+    queue_callback(conversation_id, turn_number, event, delivery_id)
+    if status == ConversationStatus.QUEUED:
+        queue_run(conversation_id, delivery_id)
     log.info(
         "agent.finished",
         extra={
             "conversation": str(conversation_id),
-            "status": event,
+            "turn": turn_number,
+            "event": event,
+            "status": str(status),
             "error": outcome.error,
         },
     )
@@ -210,7 +340,7 @@ def _agent_context(conversation: Conversation) -> dict[str, str]:
 def run_agent(conversation_id: str, delivery_id: str) -> str | None:
     """Run the agent for a stored conversation."""
     config = common.settings()
-    runtime = runtime_for(config.HOOKLINE_AGENT_COMMAND)
+    runtime = runtime_for(config)
     return run_conversation(config, uuid.UUID(conversation_id), delivery_id, runtime)
 
 
@@ -234,7 +364,12 @@ def find_stalled(config: Settings) -> tuple[list[tuple], list[tuple]]:
     # worker dies; only one never queued (the agent worker died between commit and
     # send) is left with no attempt at all.
     callbacks = (
-        select(Callback.conversation_id, Callback.event, Conversation.delivery_id)
+        select(
+            Callback.conversation_id,
+            Callback.turn,
+            Callback.event,
+            Conversation.delivery_id,
+        )
         .join(Conversation)
         .where(
             Callback.status == CallbackStatus.PENDING,
@@ -253,8 +388,8 @@ def requeue_stalled_work() -> int:
     runs, callbacks = find_stalled(common.settings())
     for conversation_id, delivery_id in runs:
         queue_run(conversation_id, delivery_id)
-    for conversation_id, event, delivery_id in callbacks:
-        queue_callback(conversation_id, event, delivery_id)
+    for conversation_id, turn, event, delivery_id in callbacks:
+        queue_callback(conversation_id, turn, event, delivery_id)
     if runs or callbacks:
         log.warning(
             "sweep.requeued", extra={"runs": len(runs), "callbacks": len(callbacks)}

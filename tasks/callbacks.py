@@ -1,41 +1,83 @@
-"""The callback pool: report a conversation's end on GitHub, and record how it went.
+"""The callback pool: report each turn's outcome on GitHub, and record how it went.
 
-A result goes where the trigger was: a comment on the issue or pull request, or a
-reply in the review thread of an inline comment.
+A result goes where its request was: on the issue or pull request, or in the
+review thread of an inline comment. It replaces the turn's "working on it"
+comment when there is one, so a turn leaves one comment, not two.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from datetime import timedelta
 
 from celery import Task
 from sqlalchemy import select
 
 from hookline.db import session_scope
 from hookline.github import GitHubClient, GitHubError, TransientGitHubError
-from hookline.models import Callback, CallbackStatus, Conversation, ConversationStatus
+from hookline.models import (
+    Callback,
+    CallbackStatus,
+    Conversation,
+    ConversationStatus,
+    Turn,
+)
 from tasks import common
 from tasks.rendering import render
+from tasks.replies import callback_mark, find_marked, status_mark, with_mark
+from tasks.workflow_runs import EVENT_PREFIX, failed_runs
 from workers.celery_app import POST_CALLBACK_TASK, app
 
 log = logging.getLogger(__name__)
 
+# A turn's outcome; other callbacks (a stop, failed CI) are comments of their own.
+TURN_EVENTS = {
+    ConversationStatus.FINISHED.value,
+    ConversationStatus.AWAITING_INPUT.value,
+    ConversationStatus.ERROR.value,
+}
 
-def marker(conversation_id: uuid.UUID, event: str) -> str:
-    """Return the hidden mark that identifies one callback's comment on GitHub."""
-    return f"hookline:callback={conversation_id}/{event}"
 
-
-def callback_body(conversation: Conversation, handle: str, override_dir: str) -> str:
-    """Render the comment that reports how a conversation ended, with its mark."""
-    if conversation.status == ConversationStatus.FINISHED:
+def callback_body(
+    conversation: Conversation,
+    turn: Turn,
+    callback: Callback,
+    handle: str,
+    override_dir: str,
+) -> str:
+    """Render the comment that reports a turn's outcome, with its hidden mark."""
+    event = callback.event
+    if event == ConversationStatus.FINISHED:
         text = render(
-            "finished.j2",
+            "finished.j2", override_dir, conversation=conversation, result=turn.reply
+        )
+    elif event == ConversationStatus.AWAITING_INPUT:
+        text = render(
+            "awaiting_input.j2",
             override_dir,
             conversation=conversation,
-            result=conversation.result or "",
+            turn=turn,
+            question=turn.reply,
+            summary=turn.summary,
+            handle=handle,
+        )
+    elif event.startswith(EVENT_PREFIX):
+        text = render(
+            "ci_failed.j2",
+            override_dir,
+            conversation=conversation,
+            runs=failed_runs(common.settings().DATABASE_URL, conversation.id, event),
+            resumed=any(
+                t.cause.startswith("CI failed") for t in conversation.transitions
+            ),
+        )
+    elif event == ConversationStatus.STOPPED:
+        text = render(
+            "stopped.j2",
+            override_dir,
+            conversation=conversation,
+            handle=handle,
+            cause=_stop_cause(conversation),
         )
     else:
         text = render(
@@ -45,39 +87,38 @@ def callback_body(conversation: Conversation, handle: str, override_dir: str) ->
             handle=handle,
             reason=conversation.error or "the agent stopped with an error",
         )
-    # Appended here, not in the templates, so an operator's template cannot drop
-    # what makes a repeated post detectable.
-    return f"{text}\n\n<!-- {marker(conversation.id, conversation.status)} -->"
+    marks = [callback_mark(conversation.id, callback.turn, event)]
+    if event in TURN_EVENTS:
+        # It replaces the turn's "working on it" comment, whose mark it keeps.
+        marks.append(status_mark(conversation.id, turn.number))
+    return with_mark(text, *marks)
 
 
-def find_posted(
-    client: GitHubClient, conversation: Conversation, callback: Callback
-) -> dict | None:
-    """Return the comment an earlier attempt of this callback posted, if any."""
-    # A minute of slack for clocks; GitHub filters on the comment's update time.
-    since = (callback.created_at - timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    if conversation.kind == "review_comment":
-        comments = client.review_comments(
-            conversation.repository, conversation.number, since
-        )
-    else:
-        comments = client.issue_comments(
-            conversation.repository, conversation.number, since=since
-        )
-    mark = marker(conversation.id, callback.event)
-    return next((c for c in comments if mark in (c.get("body") or "")), None)
+def _stop_cause(conversation: Conversation) -> str:
+    causes = [t.cause for t in conversation.transitions if t.to_status == "stopped"]
+    return causes[-1] if causes else "stopped"
 
 
 def _load(
-    database_url: str, conversation_id: uuid.UUID, event: str
-) -> tuple[Conversation, Callback]:
+    database_url: str, conversation_id: uuid.UUID, turn: int, event: str
+) -> tuple[Conversation, Turn, Callback]:
     with session_scope(database_url) as session:
         callback = session.scalars(
             select(Callback).where(
-                Callback.conversation_id == conversation_id, Callback.event == event
+                Callback.conversation_id == conversation_id,
+                Callback.turn == turn,
+                Callback.event == event,
             )
         ).one()
-        return callback.conversation, callback
+        conversation = callback.conversation
+        # Loaded now: the objects are read after the session closes.
+        conversation.transitions  # noqa: B018
+        turn_row = session.scalars(
+            select(Turn).where(
+                Turn.conversation_id == conversation_id, Turn.number == turn
+            )
+        ).one()
+        return conversation, turn_row, callback
 
 
 def _record(
@@ -90,44 +131,100 @@ def _record(
             setattr(callback, name, value)
 
 
+def _kind_of(path: str) -> str:
+    return "review_comment" if path.endswith("/replies") else "issue"
+
+
 def post(
-    client: GitHubClient, conversation: Conversation, callback: Callback, body: str
+    client: GitHubClient,
+    conversation: Conversation,
+    callback: Callback,
+    path: str,
+    body: str,
 ) -> dict:
     """Post a callback's comment once, even if an earlier attempt died mid-way."""
     if callback.attempts:
         # An earlier attempt may have posted and died before recording it.
-        earlier = find_posted(client, conversation, callback)
+        earlier = find_marked(
+            client,
+            _kind_of(path),
+            conversation.repository,
+            conversation.number,
+            callback_mark(conversation.id, callback.turn, callback.event),
+            callback.created_at,
+        )
         if earlier is not None:
             log.info("callback.found_posted", extra={"comment": earlier.get("id")})
             return earlier
     # Counted before the POST, so that a crash after it still leaves a trace.
     _record(common.settings().DATABASE_URL, callback.id, attempted=True)
-    return client.create_comment(conversation.reply_path, body)
+    return client.create_comment(path, body)
+
+
+def deliver(
+    client: GitHubClient,
+    conversation: Conversation,
+    turn: Turn,
+    callback: Callback,
+    body: str,
+    override_dir: str,
+) -> tuple[dict, str]:
+    """Put a callback on GitHub; return the comment and its path.
+
+    A turn's outcome replaces its "working on it" comment (editing is safe to
+    repeat); without one it is a new comment. A stop is a new comment where it
+    was asked, and a turn cut short has its "working on it" comment say so.
+    """
+    if callback.event not in TURN_EVENTS:
+        path = callback.github_path or turn.reply_path
+        comment = post(client, conversation, callback, path, body)
+        stopped = callback.event == ConversationStatus.STOPPED
+        if stopped and turn.reply is None and turn.status_comment_id is not None:
+            text = render("interrupted.j2", override_dir, turn=turn)
+            client.edit_comment(
+                turn.status_comment_path or "",
+                with_mark(text, status_mark(conversation.id, turn.number)),
+            )
+        return comment, path
+    if turn.status_comment_id is not None and turn.status_comment_path:
+        _record(common.settings().DATABASE_URL, callback.id, attempted=True)
+        comment = client.edit_comment(turn.status_comment_path, body)
+        return comment, turn.status_comment_path
+    return post(client, conversation, callback, turn.reply_path, body), turn.reply_path
+
+
+# The trigger's reactions tell its state at a glance: eyes, then one of these.
+REACTIONS = {
+    ConversationStatus.FINISHED.value: "rocket",
+    ConversationStatus.ERROR.value: "confused",
+}
 
 
 @app.task(
     name=POST_CALLBACK_TASK, bind=True, base=common.GuardedTask, **common.OUTAGE_RETRY
 )
 def post_callback(
-    self: Task, conversation_id: str, event: str, delivery_id: str
+    self: Task, conversation_id: str, event: str, delivery_id: str, turn: int = 1
 ) -> str:
-    """Post a conversation's result or error notice where its trigger was."""
+    """Post a turn's result, question or error, or a stop, where it belongs."""
     config = common.settings()
     url = config.DATABASE_URL
-    conversation, callback = _load(url, uuid.UUID(conversation_id), event)
+    conversation, turn_row, callback = _load(
+        url, uuid.UUID(conversation_id), turn, event
+    )
     if callback.status != CallbackStatus.PENDING:
         log.info("callback.already_done", extra={"status": callback.status})
         return callback.status
 
-    body = callback_body(conversation, config.bot_handle, config.HOOKLINE_TEMPLATES_DIR)
+    templates = config.HOOKLINE_TEMPLATES_DIR
+    body = callback_body(conversation, turn_row, callback, config.bot_handle, templates)
     try:
         client = common.installation_client(conversation.installation_id)
-        comment = post(client, conversation, callback, body)
-        # The trigger's reactions tell its state at a glance: eyes, then this.
-        finished = conversation.status == ConversationStatus.FINISHED
-        client.add_reaction(
-            conversation.reaction_path, "rocket" if finished else "confused"
+        comment, path = deliver(
+            client, conversation, turn_row, callback, body, templates
         )
+        if event in REACTIONS:
+            client.add_reaction(turn_row.reaction_path, REACTIONS[event])
     except TransientGitHubError as exc:
         _record(url, callback.id, last_error=str(exc))
         common.retry_later(self, exc)
@@ -149,14 +246,15 @@ def post_callback(
         callback.id,
         status=CallbackStatus.POSTED.value,
         github_comment_id=comment.get("id"),
-        github_path=conversation.reply_path,
+        github_path=path,
         last_error=None,
     )
     log.info(
         "callback.posted",
         extra={
             "event": event,
-            "path": conversation.reply_path,
+            "turn": turn,
+            "path": path,
             "comment": comment.get("id"),
         },
     )

@@ -14,8 +14,10 @@ from config.settings import Settings
 from hookline.db import session_scope
 from hookline.github import PermanentGitHubError, TransientGitHubError
 from hookline.models import Delivery, Verdict
-from tasks import common
-from tasks.triggers import Decision, Trigger, classify
+from tasks import common, workflow_runs
+from tasks.conversations import queue_callback, queue_run
+from tasks.triggers import Decision, MalformedPayload, Trigger, classify
+from tasks.workflow_runs import parse_run
 from workers.celery_app import CLASSIFY_TASK, START_CONVERSATION_TASK, app
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,8 @@ def classify_delivery(self: Task, delivery_id: str, event: str, body: str) -> st
         # The gateway parsed it already; only nesting too deep for this process
         # (or a message not sent by the gateway) gets here.
         return _fail(config, delivery_id, event, {}, "the body is not a JSON object")
+    if event == "workflow_run":
+        return track_workflow_run(config, delivery_id, payload)
     try:
         decision = decide(event, payload, config, _permission_of)
     except common.OUTAGES:
@@ -153,3 +157,47 @@ def _fail(
     )
     log.error("delivery.failed", extra={"event": event, "reason": reason})
     return Verdict.FAILED.value
+
+
+def track_workflow_run(config: Settings, delivery_id: str, payload: dict) -> str:
+    """Record a CI run for its branch's conversation, and report a failed group."""
+    try:
+        run = parse_run(payload)
+    except MalformedPayload as exc:
+        reason = f"malformed payload: {exc}"
+        record_verdict(
+            config.DATABASE_URL,
+            delivery_id,
+            "workflow_run",
+            payload,
+            Verdict.IGNORED,
+            reason,
+        )
+        log.info("delivery.ignored", extra={"event": "workflow_run", "reason": reason})
+        return Verdict.IGNORED.value
+    tracked = workflow_runs.track(config.DATABASE_URL, delivery_id, run)
+    verdict = Verdict.JOB if tracked.reported else Verdict.IGNORED
+    record_verdict(
+        config.DATABASE_URL,
+        delivery_id,
+        "workflow_run",
+        payload,
+        verdict,
+        tracked.reason,
+    )
+    if tracked.reported and tracked.conversation_id is not None:
+        # Queued after the commit; the callback row makes a second copy harmless.
+        queue_callback(
+            tracked.conversation_id, tracked.turn, tracked.event, delivery_id
+        )
+        if tracked.resumed:
+            queue_run(tracked.conversation_id, delivery_id)
+    log.info(
+        "delivery.workflow_run",
+        extra={
+            "event": "workflow_run",
+            "reason": tracked.reason,
+            "conversation": str(tracked.conversation_id or ""),
+        },
+    )
+    return verdict.value

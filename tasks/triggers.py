@@ -36,6 +36,7 @@ class Trigger(TypedDict):
     diff_hunk: str | None
     head_ref: str | None
     thread_id: int | None  # the review thread's first comment, for inline triggers
+    command: str | None  # "stop" when the comment is `@bot stop`, else None
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,17 @@ def mentions(body: str | None, handle: str) -> bool:
         r"(?<![\w@./-])" + re.escape(handle) + r"(?![\w/-])", re.IGNORECASE
     )
     return pattern.search(_strip_code_and_quotes(body)) is not None
+
+
+def is_stop(body: str, handle: str) -> bool:
+    """Tell whether a comment is the stop command: the mention, then `stop`, alone.
+
+    `@openhands stop` and `@OpenHands, stop!` stop; `@openhands stop using
+    globals` is a request like any other, and so is a quoted stop.
+    """
+    text = _strip_code_and_quotes(body).strip()
+    pattern = re.escape(handle) + r"[\s,:]+stop[\s.!]*"
+    return re.fullmatch(pattern, text, re.IGNORECASE) is not None
 
 
 class MalformedPayload(ValueError):
@@ -213,9 +225,10 @@ def _classify(event: str, payload: dict, label: str, handle: str) -> Decision:
             return Decision(f"{handle} appears only in a quote, code or longer word")
         return Decision(f"comment does not mention {handle}")
 
+    command = "stop" if is_stop(body, handle) else None
     if event == "issue_comment":
-        return _issue_comment_trigger(payload, repository, installation_id)
-    return _review_comment_trigger(payload, repository, installation_id)
+        return _issue_comment_trigger(payload, repository, installation_id, command)
+    return _review_comment_trigger(payload, repository, installation_id, command)
 
 
 def _issue_trigger(payload: dict, repository: str, installation_id: int) -> Decision:
@@ -239,12 +252,13 @@ def _issue_trigger(payload: dict, repository: str, installation_id: int) -> Deci
             diff_hunk=None,
             head_ref=None,
             thread_id=None,
+            command=None,
         ),
     )
 
 
 def _issue_comment_trigger(
-    payload: dict, repository: str, installation_id: int
+    payload: dict, repository: str, installation_id: int, command: str | None
 ) -> Decision:
     issue, comment = _object(payload, "issue"), _object(payload, "comment")
     number = _positive_int(issue, "number")
@@ -270,12 +284,13 @@ def _issue_comment_trigger(
             diff_hunk=None,
             head_ref=None,
             thread_id=None,
+            command=command,
         ),
     )
 
 
 def _review_comment_trigger(
-    payload: dict, repository: str, installation_id: int
+    payload: dict, repository: str, installation_id: int, command: str | None
 ) -> Decision:
     pull, comment = _object(payload, "pull_request"), _object(payload, "comment")
     number = _positive_int(pull, "number")
@@ -308,5 +323,6 @@ def _review_comment_trigger(
             diff_hunk=_text(comment, "diff_hunk") or None,
             head_ref=_text(head, "ref") or None,
             thread_id=thread_id,
+            command=command,
         ),
     )

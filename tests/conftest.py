@@ -27,11 +27,15 @@ import pytest
 import redis
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import update
 from sqlalchemy.engine import make_url
 
 from config.settings import Settings, load_settings
+from hookline.db import session_scope
 from hookline.devtools import free_port, generate_app_key, send_delivery
 from hookline.fake_github import FakeGitHub
+from hookline.fake_openhands import FakeOpenHands
+from hookline.models import Conversation
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "examples" / "deliveries"
@@ -281,16 +285,75 @@ def stack(
         forget_keys(client, PREFIX)
 
 
-def forget_keys(client: redis.Redis, prefix: str, keep: str | None = None) -> None:
+OPENHANDS_KEY = "test-openhands-key"
+
+
+@pytest.fixture(scope="session")
+def openhands_stack(
+    environment: dict[str, str],
+    fake_github: FakeGitHub,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    """Run a second stack whose agents are OpenHands conversations, on its fake.
+
+    Its keys and queues live under a prefix of their own, so the two stacks
+    never take each other's tasks; both talk to the same fake GitHub.
+    """
+    fake = FakeOpenHands(api_key=OPENHANDS_KEY).start()
+    prefix = f"{PREFIX}openhands:"
+    env = {
+        **environment,
+        "HOOKLINE_RUNTIME": "openhands",
+        "OPENHANDS_URL": fake.url,
+        "OPENHANDS_API_KEY": OPENHANDS_KEY,
+        "OPENHANDS_POLL_INTERVAL": "0.1",
+        "OPENHANDS_POLL_MAX_INTERVAL": "0.5",
+        "CELERY_BROKER_KEYPREFIX": prefix,
+        "HOOKLINE_REDIS_PREFIX": prefix,
+    }
+    logs = tmp_path_factory.mktemp("openhands-stack-logs")
+    try:
+        with launched(env, fake_github, logs, {pool: pool for pool in POOLS}) as stack:
+            yield stack
+    finally:
+        fake.stop()
+
+
+def forget_keys(
+    client: redis.Redis, prefix: str, keep: str | tuple[str, ...] | None = None
+) -> None:
     """Delete this run's keys under `prefix`, except those under `keep`."""
+    kept = tuple(k.encode() for k in ((keep,) if isinstance(keep, str) else keep or ()))
     for key in client.scan_iter(f"{prefix}*", count=1000):
-        if keep is None or not key.startswith(keep.encode()):
+        if not (kept and key.startswith(kept)):
             client.delete(key)
 
 
 @pytest.fixture
 def running(stack: Stack, redis_client: redis.Redis) -> Stack:
-    """Return the stack with the fake GitHub and the replay keys cleared."""
+    """Return the stack with the fake GitHub, replay keys and open talks cleared."""
+    return cleared(stack, redis_client)
+
+
+@pytest.fixture
+def running_openhands(openhands_stack: Stack, redis_client: redis.Redis) -> Stack:
+    """Return the OpenHands stack, cleared as `running` clears the other."""
+    return cleared(openhands_stack, redis_client)
+
+
+def cleared(stack: Stack, redis_client: redis.Redis) -> Stack:
+    """Clear the fake GitHub, the replay keys and the open conversations.
+
+    A conversation an earlier test left open would take this test's mentions
+    on the same issue as follow-ups; each test starts with none open.
+    """
     stack.fake.reset()
-    forget_keys(redis_client, PREFIX, keep=f"{PREFIX}installation-token:")
+    with session_scope(stack.settings.DATABASE_URL) as session:
+        session.execute(
+            update(Conversation)
+            .where(Conversation.status.in_(["queued", "running", "awaiting_input"]))
+            .values(status="stopped", lease_expires_at=None)
+        )
+    tokens = (f"{PREFIX}installation-token:", f"{PREFIX}openhands:installation-token:")
+    forget_keys(redis_client, PREFIX, keep=tokens)
     return stack

@@ -25,8 +25,12 @@ def test_demo_gives_every_recorded_delivery_its_outcome() -> None:
     )
 
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
-    assert "14/14 deliveries got the expected outcome" in finished.stdout
-    assert "fake GitHub received 4 comments and 8 reactions" in finished.stdout
+    assert "17/17 deliveries got the expected outcome" in finished.stdout
+    # 4 recorded jobs, then a question, its answer and an error: one comment each.
+    assert "fake GitHub received 7 comments and 13 reactions" in finished.stdout
+    assert "turn 2: finished (now finished)" in finished.stdout
+    assert "turn 1: error (now error)" in finished.stdout
+    assert "**I need your input:**" in finished.stdout
     assert "HTTP 200 duplicate" in finished.stdout
     assert "HTTP 403 bad_signature" in finished.stdout
     assert "FAIL" not in finished.stdout

@@ -20,7 +20,7 @@ def pool_children(stack: Stack, pool: str) -> list[int]:
     ]
 
 
-def test_callback_worker_killed_after_github_took_the_comment_posts_once(
+def test_worker_killed_after_github_took_the_working_comment_posts_it_once(
     running: Stack,
 ) -> None:
     # GitHub stores the comment at once but its answer is 5 s late: the worker
@@ -29,7 +29,7 @@ def test_callback_worker_killed_after_github_took_the_comment_posts_once(
     delivery_id, _ = running.send("issue_comment.created.json", "issue_comment")
 
     assert running.fake.wait_for(lambda fake: fake.comments(), timeout=30)
-    for child in pool_children(running, "callbacks"):
+    for child in pool_children(running, "conversations"):
         os.kill(child, signal.SIGKILL)
 
     callback = callback_of(running, delivery_id)
@@ -39,7 +39,33 @@ def test_callback_worker_killed_after_github_took_the_comment_posts_once(
     )
     time.sleep(0.5)
     assert callback.status == "posted"
-    assert len(running.fake.comments()) == 1
+    (comment,) = running.fake.comments()
     assert len(running.fake.requests("POST", "/issues/1/comments")) == 1
+    assert callback.github_comment_id == comment["id"]
+    assert "test agent finished" in comment["body"]
+    assert "conversation.found_status_comment" in running.log_text()
+
+
+def test_callback_worker_killed_after_github_took_the_comment_posts_once(
+    running: Stack,
+) -> None:
+    # No "working on it" comment (GitHub refused it), so the result is a new
+    # comment; GitHub stores it but answers 5 s late, and the worker is killed.
+    running.fake.fail_next("POST", r"/issues/1/comments$", 403)
+    running.fake.fail_next("POST", r"/issues/1/comments$", 0, delay=5, late_answer=True)
+    delivery_id, _ = running.send("issue_comment.created.json", "issue_comment")
+
+    assert running.fake.wait_for(lambda fake: fake.comments(), timeout=30)
+    for child in pool_children(running, "callbacks"):
+        os.kill(child, signal.SIGKILL)
+
+    callback = callback_of(running, delivery_id)
+    assert running.fake.wait_for(
+        lambda fake: len(fake.requests("POST", "/issues/1/comments")) == 2,
+        timeout=10,
+    )
+    time.sleep(0.5)
+    assert callback.status == "posted"
+    assert len(running.fake.comments()) == 1
     assert callback.github_comment_id == running.fake.comments()[0]["id"]
     assert "callback.found_posted" in running.log_text()

@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import re
 
-from tasks.triggers import classify
+import pytest
+
+from tasks.triggers import MalformedPayload, classify
+from tasks.workflow_runs import parse_run
 from tests.conftest import FIXTURES, ROOT, Stack
 from webhook_gateway.app import EVENTS_PATH
 
@@ -19,6 +22,10 @@ MANIFEST = json.loads((ROOT / "github-app-manifest.json").read_text())
 INDEX = json.loads((FIXTURES / "INDEX.json").read_text())
 JOBS = [entry for entry in INDEX if entry["expect"].startswith("job:")]
 LEVELS = {"read": 1, "write": 2}
+# Events that start no job but are tracked (CI on a conversation's branch), and
+# the permission GitHub requires to send them.
+TRACKED = {"workflow_run"}
+SUBSCRIPTION_PERMISSIONS = {"actions": "read"}
 
 _REPO = r"/repos/[^/]+/[^/]+"
 # Per GitHub's "Permissions required for GitHub Apps"; None: the App's JWT suffices.
@@ -33,6 +40,8 @@ ENDPOINT_PERMISSIONS: list[tuple[str, str, tuple[str, str] | None]] = [
     ("POST", _REPO + r"/issues/comments/\d+/reactions", ("issues", "write")),
     ("POST", _REPO + r"/pulls/comments/\d+/reactions", ("pull_requests", "write")),
     ("POST", _REPO + r"/issues/\d+/comments", ("issues", "write")),
+    ("PATCH", _REPO + r"/issues/comments/\d+", ("issues", "write")),
+    ("PATCH", _REPO + r"/pulls/comments/\d+", ("pull_requests", "write")),
     (
         "POST",
         _REPO + r"/pulls/\d+/comments/\d+/replies",
@@ -56,11 +65,11 @@ def test_manifest_subscribes_to_the_events_that_start_jobs() -> None:
     events = MANIFEST["default_events"]
 
     assert len(events) == len(set(events))
-    assert set(events) == {entry["event"] for entry in JOBS}
+    assert set(events) == {entry["event"] for entry in JOBS} | TRACKED
 
 
 def test_every_subscribed_event_is_one_the_classifier_reads() -> None:
-    for event in MANIFEST["default_events"]:
+    for event in set(MANIFEST["default_events"]) - TRACKED:
         reason = classify(event, {}, "openhands", "@openhands").reason
 
         assert reason == "no App installation in the delivery", (event, reason)
@@ -100,4 +109,9 @@ def test_manifest_asks_for_exactly_the_permissions_the_pools_use(
         name, level = permission
         needed[name] = max(level, needed.get(name, level), key=LEVELS.__getitem__)
 
-    assert MANIFEST["default_permissions"] == needed
+    assert MANIFEST["default_permissions"] == {**SUBSCRIPTION_PERMISSIONS, **needed}
+
+
+def test_tracked_events_are_read_by_their_own_parser() -> None:
+    with pytest.raises(MalformedPayload, match="workflow_run is not an object"):
+        parse_run({})

@@ -220,15 +220,29 @@ def test_author_without_write_access_gets_no_job(running: Stack) -> None:
     assert running.fake.comments() == []
 
 
-def test_comment_retried_through_5xx_is_posted_once(running: Stack) -> None:
+def test_working_comment_retried_through_5xx_is_posted_once(running: Stack) -> None:
     running.fake.fail_next("POST", r"/issues/1/comments$", 502, times=2)
     delivery_id, _ = running.send("issue_comment.created.json", "issue_comment")
 
     callback = callback_of(running, delivery_id)
     assert callback.status == "posted"
-    assert callback.attempts == 3
     assert len(running.fake.requests("POST", "/issues/1/comments")) == 3
-    assert len(running.fake.comments()) == 1
+    (comment,) = running.fake.comments()
+    # The "working on it" comment was posted once, then became the result.
+    assert comment["edits"] == 1
+    assert "test agent finished" in comment["body"]
+
+
+def test_result_edit_retried_through_5xx_is_applied_once(running: Stack) -> None:
+    running.fake.fail_next("PATCH", r"/issues/comments/\d+$", 502, times=2)
+    delivery_id, _ = running.send("issue_comment.created.json", "issue_comment")
+
+    callback = callback_of(running, delivery_id)
+    assert callback.status == "posted"
+    assert callback.attempts == 3
+    assert len(running.fake.requests("PATCH", "/issues/comments/")) == 3
+    (comment,) = running.fake.comments()
+    assert comment["edits"] == 1
 
 
 def test_comment_waits_for_retry_after_on_429(running: Stack) -> None:
@@ -248,16 +262,17 @@ def test_timed_out_reaction_is_retried_once_more(running: Stack) -> None:
     delivery_id, _ = running.send("issue_comment.created.json", "issue_comment")
 
     callback_of(running, delivery_id)
-    # The slow first call is recorded when the fake finally answers it.
+    # The slow first call is recorded when the fake finally answers it: eyes
+    # twice (the slow one and its retry), then rocket.
     assert running.fake.wait_for(
-        lambda fake: len(fake.requests("POST", "/reactions")) == 2, timeout=5
+        lambda fake: len(fake.requests("POST", "/reactions")) == 3, timeout=5
     )
     assert [r["content"] for r in running.fake.reactions()] == ["eyes", "rocket"]
     assert len(running.fake.comments()) == 1
 
 
-def test_comment_refused_with_4xx_is_recorded_not_retried(running: Stack) -> None:
-    running.fake.fail_next("POST", r"/issues/1/comments$", 404)
+def test_result_refused_with_4xx_is_recorded_not_retried(running: Stack) -> None:
+    running.fake.fail_next("PATCH", r"/issues/comments/\d+$", 404)
     delivery_id, _ = running.send("issue_comment.created.json", "issue_comment")
 
     callback = callback_of(running, delivery_id)
@@ -265,11 +280,27 @@ def test_comment_refused_with_4xx_is_recorded_not_retried(running: Stack) -> Non
     assert callback.status == "failed"
     assert callback.attempts == 1
     assert "answered 404" in callback.last_error
-    assert len(running.fake.requests("POST", "/issues/1/comments")) == 1
-    assert running.fake.comments() == []
+    assert len(running.fake.requests("PATCH", "/issues/comments/")) == 1
+    (comment,) = running.fake.comments()
+    assert "edits" not in comment
     failed = [r for r in running.log_records() if r["message"] == "callback.failed"]
     assert [r["delivery"] for r in failed] == [delivery_id]
     assert failed[0]["status"] == 404
+
+
+def test_result_is_a_new_comment_when_the_working_one_was_refused(
+    running: Stack,
+) -> None:
+    running.fake.fail_next("POST", r"/issues/1/comments$", 403)
+    delivery_id, _ = running.send("issue_comment.created.json", "issue_comment")
+
+    callback = callback_of(running, delivery_id)
+    assert callback.status == "posted"
+    posts = running.fake.requests("POST", "/issues/1/comments")
+    assert [p.status for p in posts] == [403, 201]
+    (comment,) = running.fake.comments()
+    assert "test agent finished" in comment["body"]
+    assert "edits" not in comment
 
 
 def test_failing_agent_posts_a_notice_without_its_stderr(running: Stack) -> None:
@@ -279,7 +310,7 @@ def test_failing_agent_posts_a_notice_without_its_stderr(running: Stack) -> None
     callback = callback_of(running, delivery_id)
     assert callback.event == "error"
     (comment,) = running.fake.comments()
-    assert "could not finish this request: agent exited with code 3" in comment["body"]
+    assert "could not finish this request: agent exited with code 4" in comment["body"]
     assert "Traceback" not in comment["body"]
     assert conversation_of(running, delivery_id).status == "error"
     assert [r["content"] for r in running.fake.reactions()] == ["eyes", "confused"]

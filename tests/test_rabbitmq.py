@@ -35,7 +35,10 @@ def test_labeled_issue_is_answered_through_rabbitmq(
         _, status = rabbit.send("issues.labeled.json", "issues")
 
         assert status == 202
-        assert fake_github.wait_for(lambda fake: fake.comments(), timeout=30)
+        assert fake_github.wait_for(
+            lambda fake: any("finished" in c["body"] for c in fake.comments()),
+            timeout=30,
+        )
     (comment,) = fake_github.comments()
     assert comment["path"] == "/repos/octo-user/Hello-World/issues/1/comments"
     assert "test agent finished octo-user/Hello-World#1 (issue)" in comment["body"]

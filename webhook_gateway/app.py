@@ -8,15 +8,18 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 import redis
 from celery import Celery
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from prometheus_client import CollectorRegistry
 
 from config.logging import bound_delivery
 from config.settings import Settings, load_settings
+from hookline import metrics
 from webhook_gateway.dedup import Deduplicator, body_digest
 from webhook_gateway.health import bp as health_bp
 from webhook_gateway.signature import is_valid_signature
@@ -25,6 +28,7 @@ from workers.celery_app import CLASSIFY_TASK, RedisTaskMessages, create_celery
 log = logging.getLogger(__name__)
 
 EVENTS_PATH = "/integration/github/events"
+METRICS_PATH = "/metrics"
 _EVENT_NAME = re.compile(r"[a-z_]{1,64}")
 _DELIVERY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,71}")
 
@@ -42,6 +46,8 @@ class Gateway:
     celery: Celery
     # Set when the broker is the claims' Redis: the claim then queues the task too.
     messages: RedisTaskMessages | None = None
+    # Every gunicorn worker's metrics and the queue depths, built once per process.
+    metrics_registry: CollectorRegistry | None = None
 
 
 def _gateway() -> Gateway:
@@ -50,6 +56,7 @@ def _gateway() -> Gateway:
 
 def _refuse(status: int, reason: str, message: str) -> tuple[Response, int]:
     log.warning("delivery.rejected", extra={"reason": reason, "status": status})
+    metrics.delivery_rejected(reason)
     return jsonify(reason=reason, message=message), status
 
 
@@ -112,11 +119,16 @@ def _parsed_object(_: list[tuple[str, object]]) -> object:
 @bp.post(EVENTS_PATH)
 def receive_delivery() -> tuple[Response, int]:
     """Accept one GitHub webhook delivery."""
+    started = time.perf_counter()
+    metrics.DELIVERIES_RECEIVED.inc()
     gateway = _gateway()
     delivery_id = request.headers.get("X-GitHub-Delivery", "")
     bound_id = delivery_id if _DELIVERY_ID.fullmatch(delivery_id) else "-"
-    with bound_delivery(bound_id):
-        return _receive(gateway, delivery_id)
+    try:
+        with bound_delivery(bound_id):
+            return _receive(gateway, delivery_id)
+    finally:
+        metrics.GATEWAY_REQUEST_SECONDS.observe(time.perf_counter() - started)
 
 
 def _receive(gateway: Gateway, delivery_id: str) -> tuple[Response, int]:
@@ -165,6 +177,7 @@ def _receive(gateway: Gateway, delivery_id: str) -> tuple[Response, int]:
 
     if event == "ping":
         log.info("delivery.ping")
+        metrics.DELIVERIES_PING.inc()
         return jsonify(status="pong", delivery=delivery_id), 200
 
     queue = None
@@ -179,6 +192,7 @@ def _receive(gateway: Gateway, delivery_id: str) -> tuple[Response, int]:
         return _refuse(503, "dedup_unavailable", "Try again: Redis did not answer.")
     if claim is None:
         log.info("delivery.duplicate", extra={"event": event})
+        metrics.DELIVERIES_DUPLICATE.inc()
         return jsonify(status="duplicate", delivery=delivery_id), 200
 
     if queue is None:
@@ -196,7 +210,30 @@ def _receive(gateway: Gateway, delivery_id: str) -> tuple[Response, int]:
             )
 
     log.info("delivery.accepted", extra={"event": event})
+    metrics.DELIVERIES_ACCEPTED.inc()
     return jsonify(status="queued", delivery=delivery_id), 202
+
+
+@bp.get(METRICS_PATH)
+def serve_metrics() -> Response | tuple[Response, int]:
+    """Expose every gateway worker's counters and the broker's queue depths."""
+    gateway = _gateway()
+    authorization = request.headers.get("Authorization")
+    if not metrics.authorized(gateway.settings.HOOKLINE_METRICS_TOKEN, authorization):
+        log.warning("metrics.unauthorized")
+        refusal = jsonify(
+            reason="unauthorized",
+            message="Send Authorization: Bearer <HOOKLINE_METRICS_TOKEN>.",
+        )
+        refusal.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        return refusal, 401
+
+    body, content_type = metrics.exposition(
+        gateway.metrics_registry, request.headers.get("Accept")
+    )
+    return Response(
+        body, content_type=content_type, headers={"Cache-Control": "no-store"}
+    )
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -205,6 +242,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     secret = settings.require_webhook_secret()
 
     celery = create_celery(settings, publisher=True)
+    queue_depths = metrics.queue_depths(
+        settings, [queue.name for queue in celery.conf.task_queues]
+    )
     app = Flask(__name__)
     # A second guard: Werkzeug refuses to read past this, whatever the framing.
     app.config["MAX_CONTENT_LENGTH"] = settings.HOOKLINE_MAX_BODY_BYTES + 1
@@ -224,6 +264,9 @@ def create_app(settings: Settings | None = None) -> Flask:
             RedisTaskMessages(celery, settings)
             if RedisTaskMessages.applies_to(settings)
             else None
+        ),
+        metrics_registry=metrics.scrape_registry(
+            *([queue_depths] if queue_depths is not None else [])
         ),
     )
     app.register_blueprint(bp)

@@ -12,13 +12,18 @@ import json
 import uuid
 import zlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from celery import Celery, signals
+from celery import Celery, Task, signals
 from celery.utils.nodenames import anon_nodename
 from kombu import Exchange, Queue
 
 from config.logging import delivery_id_var, setup_logging, task_id_var
 from config.settings import ConfigError, Settings, load_settings
+from hookline import metrics
+
+if TYPE_CHECKING:
+    from celery.worker import WorkController
 
 CLASSIFY_QUEUE = "classify"
 CONVERSATIONS_QUEUE = "conversations"
@@ -31,6 +36,7 @@ RUN_AGENT_TASK = "hookline.run_agent"
 POST_CALLBACK_TASK = "hookline.post_callback"
 SWEEP_TASK = "hookline.requeue_stalled_work"
 REDELIVER_TASK = "hookline.redeliver_failed_deliveries"
+FLUSH_STATUS_EVENTS_TASK = "hookline.flush_status_events"
 
 TASK_ROUTES = {
     CLASSIFY_TASK: {"queue": CLASSIFY_QUEUE},
@@ -39,6 +45,7 @@ TASK_ROUTES = {
     POST_CALLBACK_TASK: {"queue": CALLBACKS_QUEUE},
     SWEEP_TASK: {"queue": CONVERSATIONS_QUEUE},
     REDELIVER_TASK: {"queue": CONVERSATIONS_QUEUE},
+    FLUSH_STATUS_EVENTS_TASK: {"queue": CALLBACKS_QUEUE},
 }
 
 
@@ -127,6 +134,21 @@ def create_celery(settings: Settings, publisher: bool = False) -> Celery:
         beat_schedule={
             "requeue-stalled-work": {"task": SWEEP_TASK, "schedule": 30.0},
             "redeliver-failed-deliveries": {"task": REDELIVER_TASK, "schedule": 300.0},
+            **(
+                {
+                    "flush-status-events": {
+                        "task": FLUSH_STATUS_EVENTS_TASK,
+                        "schedule": settings.HOOKLINE_STATUS_WEBHOOK_BATCH_DELAY,
+                        # A run left waiting for a whole interval is overtaken by
+                        # the next; without this they pile up behind the callbacks.
+                        "options": {
+                            "expires": settings.HOOKLINE_STATUS_WEBHOOK_BATCH_DELAY
+                        },
+                    }
+                }
+                if settings.HOOKLINE_STATUS_WEBHOOK_URLS.split()
+                else {}
+            ),
         },
         imports=(
             "tasks.classify",
@@ -134,6 +156,7 @@ def create_celery(settings: Settings, publisher: bool = False) -> Celery:
             "tasks.agent",
             "tasks.callbacks",
             "tasks.redelivery",
+            "tasks.status_webhooks",
         ),
     )
     if publisher:
@@ -273,3 +296,60 @@ def _bind_delivery(task_id: str, kwargs: dict | None = None, **_: object) -> Non
 def _unbind_delivery(**_: object) -> None:
     delivery_id_var.set("-")
     task_id_var.set("-")
+
+
+def _queue_of(task: Task) -> str:
+    route = TASK_ROUTES.get(task.name)
+    return route["queue"] if route else task.app.conf.task_default_queue
+
+
+@signals.task_prerun.connect
+def _time_task(task_id: str, task: Task, **_: object) -> None:
+    metrics.task_started(_queue_of(task), task.name, task_id)
+
+
+@signals.task_postrun.connect
+def _record_task_time(task_id: str, task: Task, **_: object) -> None:
+    metrics.task_finished(_queue_of(task), task.name, task_id)
+
+
+@signals.task_success.connect
+def _count_success(sender: Task, **_: object) -> None:
+    metrics.task_ended(_queue_of(sender), sender.name, "success")
+
+
+# Sent in the child for an exception, in the main process for a time limit.
+@signals.task_failure.connect
+def _count_failure(sender: Task, **_: object) -> None:
+    metrics.task_ended(_queue_of(sender), sender.name, "failure")
+
+
+@signals.task_retry.connect
+def _count_retry(sender: Task, reason: object = None, **_: object) -> None:
+    # `reason` is Celery's Retry; the error that asked for it is its `exc`.
+    metrics.task_retried(_queue_of(sender), sender.name, getattr(reason, "exc", None))
+
+
+@signals.worker_init.connect
+def _serve_pool_metrics(sender: WorkController, **_: object) -> None:
+    """Empty the pool's metrics directory, create its series, open its port."""
+    # Here, not at the top: only a worker needs the pool classes (billiard).
+    from celery.concurrency import get_implementation
+    from celery.concurrency.prefork import TaskPool as PreforkPool
+
+    metrics.reset_multiprocess_dir()
+    consumed = set(sender.app.amqp.queues.consume_from)
+    metrics.prepare_tasks(
+        {
+            name: route["queue"]
+            for name, route in TASK_ROUTES.items()
+            if route["queue"] in consumed
+        }
+    )
+    forks = issubclass(get_implementation(sender.pool_cls), PreforkPool)
+    metrics.serve_worker_metrics(load_settings(), forks=forks)
+
+
+@signals.worker_process_shutdown.connect
+def _forget_pool_process(pid: int, **_: object) -> None:
+    metrics.process_exited(pid)

@@ -56,7 +56,9 @@ def test_send_then_explain_traces_the_delivery_to_its_comment(running: Stack) ->
     assert "callback finished: posted" in explained.stdout
     (comment,) = running.fake.comments()
     assert as_json["callbacks"][0]["comment"] == comment["id"]
-    assert as_json["callbacks"][0]["path"] == comment["path"]
+    assert as_json["callbacks"][0]["path"] == (
+        f"/repos/octo-user/Hello-World/issues/comments/{comment['id']}"
+    )
 
 
 def test_explain_says_why_a_delivery_was_ignored(running: Stack) -> None:

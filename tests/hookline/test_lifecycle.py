@@ -17,7 +17,8 @@ TERMINAL = [S.FINISHED, S.ERROR, S.STOPPED]
         (S.QUEUED, S.RUNNING),
         (S.RUNNING, S.RUNNING),
         (S.RUNNING, S.AWAITING_INPUT),
-        (S.AWAITING_INPUT, S.RUNNING),
+        (S.AWAITING_INPUT, S.QUEUED),
+        (S.RUNNING, S.QUEUED),
         (S.RUNNING, S.FINISHED),
         (S.RUNNING, S.ERROR),
         (S.AWAITING_INPUT, S.STOPPED),
@@ -36,7 +37,14 @@ def test_nothing_leaves_a_terminal_state(terminal, target) -> None:
 
 @pytest.mark.parametrize(
     ("current", "target"),
-    [(None, S.RUNNING), (S.QUEUED, S.FINISHED), (S.QUEUED, S.AWAITING_INPUT)],
+    [
+        (None, S.RUNNING),
+        (S.QUEUED, S.FINISHED),
+        (S.QUEUED, S.AWAITING_INPUT),
+        # An answer is queued first, so a run always starts from queued.
+        (S.AWAITING_INPUT, S.RUNNING),
+        (S.AWAITING_INPUT, S.FINISHED),
+    ],
 )
 def test_skipping_a_step_is_refused(current, target) -> None:
     with pytest.raises(IllegalTransition):

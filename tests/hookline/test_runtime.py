@@ -13,14 +13,20 @@ from pathlib import Path
 
 import pytest
 
+from config.settings import ConfigError, load_settings
 from hookline.runtime import (
+    ASK_EXIT_CODE,
     DEMO_AGENT,
     MAX_RESULT_CHARS,
+    STOPPED_ERROR,
     AgentOutcome,
     AgentRequest,
     AgentStatus,
     CommandRuntime,
+    Message,
+    Purpose,
     runtime_for,
+    transcript,
 )
 
 WITHHELD = (
@@ -46,8 +52,10 @@ def run(
     context: dict[str, str] | None = None,
     timeout: float = 10.0,
 ) -> AgentOutcome:
-    request = AgentRequest(instructions, context or {}, timeout)
-    return runtime.run(request, lambda: None, 0.5)
+    request = AgentRequest(
+        "c-1", (Message("user", instructions),), context or {}, timeout
+    )
+    return runtime.run(request, lambda: True, 0.5)
 
 
 def is_running(pid: int) -> bool:
@@ -151,14 +159,14 @@ def test_non_zero_exit_is_an_error_without_stderr(tmp_path: Path) -> None:
         import sys
         print("partial output")
         print("Traceback: token ghs_leaked", file=sys.stderr)
-        sys.exit(3)
+        sys.exit(2)
         """,
     )
 
     outcome = run(runtime)
 
     assert outcome.status is AgentStatus.ERROR
-    assert "code 3" in outcome.error
+    assert "code 2" in outcome.error
     assert "ghs_leaked" not in outcome.error
     assert "Traceback" not in outcome.error
     assert outcome.output == ""
@@ -200,8 +208,12 @@ def test_heartbeat_is_called_while_the_agent_works(tmp_path: Path) -> None:
     runtime = agent(tmp_path, "import time\ntime.sleep(1)\nprint('done')")
     beats: list[float] = []
 
+    def heartbeat() -> bool:
+        beats.append(time.monotonic())
+        return True
+
     outcome = runtime.run(
-        AgentRequest("work", {}, 10.0), lambda: beats.append(time.monotonic()), 0.2
+        AgentRequest("c-1", (Message("user", "work"),), {}, 10.0), heartbeat, 0.2
     )
 
     assert outcome.output == "done"
@@ -235,14 +247,16 @@ def test_output_at_the_limit_is_kept_whole(tmp_path: Path) -> None:
 
 
 def test_agent_command_is_split_like_a_shell() -> None:
-    runtime = runtime_for("my-agent --model 'big one'")
+    runtime = runtime_for(
+        load_settings({}, {"HOOKLINE_AGENT_COMMAND": "my-agent --model 'big one'"})
+    )
 
     assert isinstance(runtime, CommandRuntime)
     assert runtime.command == ["my-agent", "--model", "big one"]
 
 
 def test_empty_agent_command_runs_the_demo_agent() -> None:
-    runtime = runtime_for("")
+    runtime = runtime_for(load_settings({}))
 
     outcome = run(
         runtime,
@@ -260,3 +274,74 @@ def test_empty_agent_command_runs_the_demo_agent() -> None:
     assert "a demo, not an AI" in outcome.output
     assert "octo-user/Hello-World#1" in outcome.output
     assert "@openhands fix the parser" in outcome.output
+
+
+def test_an_unknown_runtime_is_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match="HOOKLINE_RUNTIME"):
+        runtime_for(load_settings({"HOOKLINE_RUNTIME": "magic"}))
+
+
+def test_exit_code_3_is_a_question(tmp_path: Path) -> None:
+    runtime = agent(
+        tmp_path, f"import sys\nprint('which branch?')\nsys.exit({ASK_EXIT_CODE})"
+    )
+
+    outcome = run(runtime)
+
+    assert outcome.status is AgentStatus.AWAITING_INPUT
+    assert outcome.output == "which branch?"
+
+
+def test_a_heartbeat_saying_stop_kills_the_agent_at_once(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    runtime = agent(
+        tmp_path,
+        f"""
+        import os, time
+        open({str(pid_file)!r}, "w").write(str(os.getpid()))
+        time.sleep(30)
+        """,
+    )
+    started = time.monotonic()
+
+    outcome = runtime.run(
+        AgentRequest("c-1", (Message("user", "work"),), {}, 60.0), lambda: False, 0.2
+    )
+
+    assert outcome.status is AgentStatus.ERROR
+    assert outcome.error == STOPPED_ERROR
+    assert time.monotonic() - started < 5
+    assert not is_running(int(pid_file.read_text()))
+
+
+def test_later_turns_read_the_whole_transcript_with_speakers_marked(
+    tmp_path: Path,
+) -> None:
+    runtime = agent(
+        tmp_path,
+        """
+        import os, sys
+        print(repr(sys.stdin.read()), os.environ["HOOKLINE_TURN"],
+              os.environ["HOOKLINE_PURPOSE"])
+        """,
+    )
+    messages = (
+        Message("user", "Instructions", "alice"),
+        Message("agent", "Which file?"),
+        Message("user", "@openhands parser.py", "bob"),
+        Message("hookline", "Summarize your progress"),
+    )
+
+    outcome = runtime.run(
+        AgentRequest("c-1", messages, {}, 10.0, purpose=Purpose.SUMMARY),
+        lambda: True,
+        0.5,
+    )
+
+    expected = transcript(messages)
+    assert expected == (
+        "Instructions\n\n--- agent ---\nWhich file?\n\n"
+        "--- user bob ---\n@openhands parser.py\n\n"
+        "--- hookline ---\nSummarize your progress"
+    )
+    assert outcome.output == f"{expected!r} 2 summary"

@@ -12,7 +12,13 @@ from sqlalchemy import delete, select, update
 
 from config.settings import Settings
 from hookline.db import session_scope
-from hookline.models import Callback, Conversation, ConversationTransition, utcnow
+from hookline.models import (
+    Callback,
+    Conversation,
+    ConversationTransition,
+    Turn,
+    utcnow,
+)
 from hookline.runtime import CommandRuntime
 from tasks.agent import (
     MAX_RUN_ATTEMPTS,
@@ -32,7 +38,7 @@ def _forget_conversations(database_url: str):
     """Delete this test's conversations, so no later sweep finds them stalled."""
     yield
     with session_scope(database_url) as session:
-        for table in (Callback, ConversationTransition):
+        for table in (Callback, ConversationTransition, Turn):
             session.execute(delete(table).where(table.conversation_id.in_(_created)))
         session.execute(delete(Conversation).where(Conversation.id.in_(_created)))
     _created.clear()
@@ -52,6 +58,17 @@ def new_conversation(database_url: str, **values: object) -> uuid.UUID:
         instructions="The request:\nsay hello",
         **values,
     )
+    conversation.turns.append(
+        Turn(
+            number=1,
+            delivery_id=delivery_id,
+            kind="issue",
+            author="octo-user",
+            request=conversation.instructions,
+            reply_path=conversation.reply_path,
+            reaction_path=conversation.reaction_path,
+        )
+    )
     with session_scope(database_url) as session:
         session.add(conversation)
     _created.append(conversation.id)
@@ -66,8 +83,8 @@ def load(database_url: str, conversation_id: uuid.UUID) -> Conversation:
 def test_a_run_is_claimed_by_one_worker_only(database_url: str) -> None:
     conversation_id = new_conversation(database_url)
 
-    assert claim_run(database_url, conversation_id, lease=60) is True
-    assert claim_run(database_url, conversation_id, lease=60) is False
+    assert claim_run(database_url, conversation_id, lease=60) == 1
+    assert claim_run(database_url, conversation_id, lease=60) is None
     assert load(database_url, conversation_id).status == "running"
 
 
@@ -76,7 +93,7 @@ def test_a_lapsed_lease_is_taken_over(database_url: str) -> None:
     claim_run(database_url, conversation_id, lease=0)
     time.sleep(0.01)
 
-    assert claim_run(database_url, conversation_id, lease=60) is True
+    assert claim_run(database_url, conversation_id, lease=60) == 1
     assert load(database_url, conversation_id).run_attempts == 2
 
 
@@ -85,7 +102,7 @@ def test_renewing_keeps_the_lease_from_lapsing(database_url: str) -> None:
     claim_run(database_url, conversation_id, lease=0)
     renew_lease(database_url, conversation_id, lease=60)
 
-    assert claim_run(database_url, conversation_id, lease=60) is False
+    assert claim_run(database_url, conversation_id, lease=60) is None
 
 
 def test_finished_run_stores_result_and_owes_one_callback(
@@ -161,5 +178,5 @@ def test_run_whose_worker_died_is_finished_after_the_sweep(running, settings) ->
     time.sleep(0.5)
     (comment,) = running.fake.comments()
     assert comment["path"] == "/repos/octo-user/Hello-World/issues/1/comments"
-    assert f"hookline:callback={conversation_id}/finished" in comment["body"]
+    assert f"hookline:callback={conversation_id}/1/finished" in comment["body"]
     assert load(settings.DATABASE_URL, conversation_id).status == "finished"

@@ -1,0 +1,236 @@
+"""CI on a conversation's branch: track workflow runs, report a failed group once.
+
+A `workflow_run` delivery on a branch that a conversation works on (its pull
+request's head branch) is recorded under that conversation, grouped by commit.
+Pending runs do nothing yet. When every run of a commit has completed and one
+failed, the group is reported once: a comment lists the failed runs, and a
+conversation awaiting input gets the failure as its next turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from hookline import lifecycle
+from hookline.db import session_scope
+from hookline.models import (
+    Callback,
+    Conversation,
+    ConversationStatus,
+    RunStatus,
+    Turn,
+    WorkflowRun,
+)
+from tasks.triggers import MalformedPayload, _object, _positive_int, _repository
+
+log = logging.getLogger(__name__)
+
+# GitHub's conclusions that mean the run did not pass.
+FAILED_CONCLUSIONS = {
+    "failure",
+    "timed_out",
+    "cancelled",
+    "startup_failure",
+    "action_required",
+}
+EVENT_PREFIX = "ci_failed:"
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a workflow_run delivery says about one run."""
+
+    id: int
+    repository: str
+    branch: str
+    head_sha: str
+    name: str
+    status: RunStatus
+    html_url: str | None
+
+
+@dataclass(frozen=True)
+class Tracked:
+    """What tracking a run led to, for the delivery's verdict."""
+
+    reason: str
+    conversation_id: uuid.UUID | None = None
+    reported: bool = False
+    resumed: bool = False
+    event: str | None = None
+    turn: int = 0
+
+
+def run_status(status: object, conclusion: object) -> RunStatus:
+    """Map GitHub's status and conclusion to PENDING, COMPLETED or FAILURE."""
+    if status != "completed":
+        return RunStatus.PENDING
+    return (
+        RunStatus.FAILURE if conclusion in FAILED_CONCLUSIONS else RunStatus.COMPLETED
+    )
+
+
+def parse_run(payload: dict) -> Run:
+    """Read a workflow_run delivery; MalformedPayload if a field is unusable."""
+    run = _object(payload, "workflow_run")
+    branch, sha, name = run.get("head_branch"), run.get("head_sha"), run.get("name")
+    if not isinstance(branch, str) or not branch or len(branch) > 255:
+        raise MalformedPayload("workflow_run.head_branch is not a branch name")
+    if not isinstance(sha, str) or not 7 <= len(sha) <= 40:
+        raise MalformedPayload("workflow_run.head_sha is not a commit")
+    url = run.get("html_url")
+    return Run(
+        id=_positive_int(run, "id"),
+        repository=_repository(payload),
+        branch=branch,
+        head_sha=sha,
+        name=(name if isinstance(name, str) and name else "workflow")[:200],
+        status=run_status(run.get("status"), run.get("conclusion")),
+        html_url=url if isinstance(url, str) else None,
+    )
+
+
+def _upsert(session: Session, run: Run, conversation_id: uuid.UUID) -> None:
+    values = {
+        "id": run.id,
+        "conversation_id": conversation_id,
+        "name": run.name,
+        "head_sha": run.head_sha,
+        "status": run.status.value,
+        "html_url": run.html_url,
+        "reported": False,
+    }
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    statement = insert(WorkflowRun).values(**values)
+    # A run's deliveries can arrive out of order: completed never goes back.
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[WorkflowRun.id],
+            set_={"status": statement.excluded.status, "name": run.name},
+            where=WorkflowRun.status == RunStatus.PENDING.value,
+        )
+    )
+
+
+def track(database_url: str, delivery_id: str, run: Run) -> Tracked:
+    """Record a run under its branch's conversation; report its group if due."""
+    with session_scope(database_url) as session:
+        conversation = session.scalars(
+            select(Conversation)
+            .where(
+                Conversation.repository == run.repository,
+                Conversation.branch == run.branch,
+            )
+            .order_by(Conversation.created_at.desc())
+            .limit(1)
+            .with_for_update()
+        ).first()
+        if conversation is None:
+            return Tracked(f"no conversation works on branch {run.branch}")
+        _upsert(session, run, conversation.id)
+        group = (
+            WorkflowRun.conversation_id == conversation.id,
+            WorkflowRun.head_sha == run.head_sha,
+        )
+        statuses = [
+            row for (row,) in session.execute(select(WorkflowRun.status).where(*group))
+        ]
+        done = sum(status != RunStatus.PENDING for status in statuses)
+        summary = f"workflow run {run.name}: {done} of {len(statuses)} runs completed"
+        if done < len(statuses) or RunStatus.FAILURE not in statuses:
+            return Tracked(summary, conversation.id)
+        # Flipped once: whoever flips the group reports it, nobody else.
+        flipped = session.execute(
+            update(WorkflowRun)
+            .where(*group, WorkflowRun.reported.is_(False))
+            .values(reported=True)
+        ).rowcount
+        if not flipped:
+            return Tracked(f"{summary}; already reported", conversation.id)
+
+        failed = session.scalars(
+            select(WorkflowRun)
+            .where(*group, WorkflowRun.status == RunStatus.FAILURE)
+            .order_by(WorkflowRun.id)
+        ).all()
+        event = f"{EVENT_PREFIX}{run.head_sha[:12]}"
+        session.add(
+            Callback(
+                conversation_id=conversation.id,
+                turn=conversation.turn,
+                event=event,
+                github_path=conversation.reply_path,
+            )
+        )
+        resumed = conversation.status == ConversationStatus.AWAITING_INPUT
+        if resumed:
+            _tell(session, conversation, delivery_id, failed)
+        names = ", ".join(row.name for row in failed)
+        return Tracked(
+            f"CI failed on {run.head_sha[:12]}: {names}",
+            conversation.id,
+            reported=True,
+            resumed=resumed,
+            event=event,
+            turn=conversation.turn,
+        )
+
+
+def _tell(
+    session: Session,
+    conversation: Conversation,
+    delivery_id: str,
+    failed: Sequence[WorkflowRun],
+) -> None:
+    """Hand the failure to a conversation awaiting input, as its next turn."""
+    latest = session.scalar(
+        select(func.max(Turn.number)).where(Turn.conversation_id == conversation.id)
+    )
+    lines = [f"- {row.name}: {row.html_url or 'no link'}" for row in failed]
+    session.add(
+        Turn(
+            conversation_id=conversation.id,
+            number=(latest or 0) + 1,
+            delivery_id=delivery_id,
+            kind=conversation.kind,
+            author="hookline",
+            request="CI failed on your branch. These runs failed:\n" + "\n".join(lines),
+            reply_path=conversation.reply_path,
+            reaction_path=conversation.reaction_path,
+        )
+    )
+    lifecycle.record(
+        session,
+        conversation.id,
+        conversation.status,
+        ConversationStatus.QUEUED,
+        f"CI failed: {len(failed)} run(s)",
+    )
+    conversation.status = ConversationStatus.QUEUED.value
+    conversation.run_attempts = 0
+
+
+def failed_runs(database_url: str, conversation_id: uuid.UUID, event: str) -> list:
+    """Return the failed runs a ci_failed callback reports."""
+    prefix = event.removeprefix(EVENT_PREFIX)
+    with session_scope(database_url) as session:
+        return list(
+            session.scalars(
+                select(WorkflowRun)
+                .where(
+                    WorkflowRun.conversation_id == conversation_id,
+                    WorkflowRun.head_sha.startswith(prefix),
+                    WorkflowRun.status == RunStatus.FAILURE,
+                )
+                .order_by(WorkflowRun.id)
+            )
+        )
