@@ -44,7 +44,7 @@ def workflow_run(
             "head_sha": sha,
             "status": status,
             "conclusion": conclusion,
-            "html_url": f"https://github.com/octo-user/Hello-World/actions/runs/{run_id}",
+            "html_url": f"https://ci.example/octo-user/Hello-World/actions/runs/{run_id}",
             "run_attempt": 1,
         },
         "repository": {"full_name": "octo-user/Hello-World"},
@@ -120,7 +120,7 @@ def test_a_failed_group_is_reported_once_when_every_run_completed(
     notices = [c for c in running.fake.comments() if "CI failed" in c["body"]]
     assert len(notices) == 1
     assert (
-        "[tests](https://github.com/octo-user/Hello-World/actions/runs/"
+        "[tests](https://ci.example/octo-user/Hello-World/actions/runs/"
         in (notices[0]["body"])
     )
     assert "lint" not in notices[0]["body"]

@@ -117,7 +117,7 @@ def test_a_github_call_without_an_answer_is_counted_as_an_error() -> None:
     labels = {"method": "POST", "path": path}
     before = sample("hookline_github_calls_total", **labels, status="error")
 
-    url = "https://api.github.com/app/installations/9/access_tokens"
+    url = "http://127.0.0.1:9/app/installations/9/access_tokens"
     metrics.github_call("post", url, None)
 
     assert sample("hookline_github_calls_total", **labels, status="error") == (
