@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
-import ipaddress
 import itertools
 import logging
 import re
@@ -31,7 +30,8 @@ import jwt
 import requests
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+from hookline.loopback import POLL_INTERVAL_SECONDS, LoopbackServer, require_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,6 @@ TOKEN_PATH = re.compile(r"^/app/installations/[^/]+/access_tokens$")
 # Endpoints that take the App's JWT instead of an installation token.
 APP_PATH = re.compile(r"^/app/(installations/[^/]+/access_tokens|hook/deliveries)")
 CONTROL_PREFIX = "/_fake/"
-POLL_INTERVAL_SECONDS = 0.05
 
 
 @dataclass
@@ -118,13 +117,6 @@ class _Token:
     expires_at: datetime
 
 
-class _QuietRequestHandler(WSGIRequestHandler):
-    """Keep werkzeug's access log out of test output; requests are recorded."""
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        """Skip the per-request access log line."""
-
-
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -147,17 +139,6 @@ def _validation_failed(resource: str, field: str, code: str) -> Response:
     return _github_error(422, "Validation Failed", errors=[error])
 
 
-def _require_loopback(host: str) -> None:
-    if host == "localhost":
-        return
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return
-    except ValueError:
-        pass
-    raise ValueError(f"FakeGitHub listens on loopback only, not on {host!r}")
-
-
 def _status_phrase(status: int) -> str:
     try:
         return HTTPStatus(status).phrase
@@ -171,8 +152,10 @@ def _sha_for(*parts: object) -> str:
     return hashlib.sha1(seed.encode(), usedforsecurity=False).hexdigest()
 
 
-class FakeGitHub:
+class FakeGitHub(LoopbackServer):
     """Run a thread-safe fake of the GitHub REST API on a loopback port."""
+
+    name = "fake-github"
 
     def __init__(
         self,
@@ -181,14 +164,10 @@ class FakeGitHub:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
-        _require_loopback(host)
+        super().__init__(host, port)
         self.app_id = str(app_id)
         # Parse now so a bad key fails at construction, not at the first JWT.
         self._public_key = load_pem_public_key(public_key_pem)
-        self._host = host
-        self._port = port
-        self._server: BaseWSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
         self._lock = threading.Lock()
         # Ids keep counting across reset() so ids stay unique within a run.
@@ -208,56 +187,6 @@ class FakeGitHub:
         self._reactions_by_key: dict[tuple[int, str, str], dict] = {}
 
         self.app = self._build_app()
-
-    # Lifecycle
-
-    def start(self) -> FakeGitHub:
-        """Bind the port and serve in a background thread."""
-        if self._server is not None:
-            raise RuntimeError("FakeGitHub is already running")
-        self._server = make_server(
-            self._host,
-            self._port,
-            self.app,
-            threaded=True,
-            request_handler=_QuietRequestHandler,
-        )
-        # A short poll lets stop() return in milliseconds rather than half a second.
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": POLL_INTERVAL_SECONDS},
-            name="fake-github",
-            daemon=True,
-        )
-        self._thread.start()
-        logger.info("fake_github.started", extra={"url": self.url})
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and release the port."""
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = None
-        self._thread = None
-        logger.info("fake_github.stopped")
-
-    def __enter__(self) -> FakeGitHub:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        """Return the base URL, e.g. http://127.0.0.1:54321."""
-        if self._server is None:
-            raise RuntimeError("FakeGitHub is not running; call start() first")
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self._server.server_port}"
 
     # Test controls
 
@@ -402,7 +331,7 @@ class FakeGitHub:
 
     def redeliver_to(self, events_url: str, secret: str) -> None:
         """Send redeliveries requested through the API to `events_url`."""
-        _require_loopback(urlsplit(events_url).hostname or "")
+        require_loopback(urlsplit(events_url).hostname or "", "a redelivery target")
         with self._lock:
             self._redeliver_to = (events_url, secret.encode())
 

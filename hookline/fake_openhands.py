@@ -30,7 +30,6 @@ requests and conversations, reset.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import re
 import signal
@@ -44,13 +43,13 @@ from http import HTTPStatus
 from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+from hookline.loopback import LoopbackServer
 
 log = logging.getLogger(__name__)
 
 CONTROL_PREFIX = "/_fake/"
 DEFAULT_AGENT_DELAY = 0.2
-POLL_INTERVAL_SECONDS = 0.05
 MAX_EVENTS_PAGE = 100
 SUMMARY_REQUEST = re.compile(r"^\s*summari[sz]e", re.IGNORECASE)
 FAIL_WORD = re.compile(r"\bfail\b", re.IGNORECASE)
@@ -108,13 +107,6 @@ class _Conversation:
     timers: list[threading.Timer] = field(default_factory=list)
 
 
-class _QuietRequestHandler(WSGIRequestHandler):
-    """Keep werkzeug's access log out of test output; requests are recorded."""
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        """Skip the per-request access log line."""
-
-
 def _now() -> str:
     return datetime.now(UTC).isoformat()
 
@@ -137,19 +129,10 @@ def _phrase(status: int) -> str:
         return "Injected failure"
 
 
-def _require_loopback(host: str) -> None:
-    if host == "localhost":
-        return
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return
-    except ValueError:
-        pass
-    raise ValueError(f"FakeOpenHands listens on loopback only, not on {host!r}")
-
-
-class FakeOpenHands:
+class FakeOpenHands(LoopbackServer):
     """Run a thread-safe fake of the OpenHands conversation API on a loopback port."""
+
+    name = "fake-openhands"
 
     def __init__(
         self,
@@ -158,13 +141,9 @@ class FakeOpenHands:
         port: int = 0,
         agent_delay: float = DEFAULT_AGENT_DELAY,
     ) -> None:
-        _require_loopback(host)
+        super().__init__(host, port)
         self.api_key = api_key
         self.agent_delay = agent_delay
-        self._host = host
-        self._port = port
-        self._server: BaseWSGIServer | None = None
-        self._thread: threading.Thread | None = None
 
         self._lock = threading.Lock()
         self._conversations: dict[str, _Conversation] = {}
@@ -175,53 +154,10 @@ class FakeOpenHands:
 
     # Lifecycle
 
-    def start(self) -> FakeOpenHands:
-        """Bind the port and serve in a background thread."""
-        if self._server is not None:
-            raise RuntimeError("FakeOpenHands is already running")
-        self._server = make_server(
-            self._host,
-            self._port,
-            self.app,
-            threaded=True,
-            request_handler=_QuietRequestHandler,
-        )
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": POLL_INTERVAL_SECONDS},
-            name="fake-openhands",
-            daemon=True,
-        )
-        self._thread.start()
-        log.info("fake_openhands.started", extra={"url": self.url})
-        return self
-
     def stop(self) -> None:
         """Stop serving, drop the agent's pending answers, release the port."""
         self.reset()
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = None
-        self._thread = None
-        log.info("fake_openhands.stopped")
-
-    def __enter__(self) -> FakeOpenHands:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        """Return the base URL, e.g. http://127.0.0.1:54321."""
-        if self._server is None:
-            raise RuntimeError("FakeOpenHands is not running; call start() first")
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self._server.server_port}"
+        super().stop()
 
     # Test controls
 

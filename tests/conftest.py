@@ -184,7 +184,8 @@ class Stack:
         return "\n".join(path.read_text() for path in sorted(self.logs.glob("*.log")))
 
 
-def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+def start_process(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Start a command in its own process group, its output going to `log`."""
     if args[0] == "celery":
         args = [sys.executable, "-m", *args]
     return subprocess.Popen(
@@ -197,12 +198,25 @@ def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     )
 
 
-def _wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `predicate` until it holds, or fail naming `what` did not happen."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not happen within {timeout} s")
+            raise AssertionError(f"{what} did not happen within {timeout} s")
         time.sleep(0.1)
+
+
+def stop_processes(*processes: subprocess.Popen) -> None:
+    """Ask each process group to stop, then kill the ones still there after 15 s."""
+    for process in processes:
+        os.killpg(process.pid, signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=5)
 
 
 @contextmanager
@@ -217,7 +231,7 @@ def launched(
     env = {**environment, "PORT": str(port), "WEB_HOST": "127.0.0.1"}
     gunicorn = Path(sys.executable).with_name("gunicorn")
     processes = [
-        _start(
+        start_process(
             [str(gunicorn), "-c", "config/gunicorn.py", "webhook_gateway.wsgi:app"],
             env,
             logs / "web.log",
@@ -225,7 +239,7 @@ def launched(
     ]
     for name, queues in workers.items():
         processes.append(
-            _start(
+            start_process(
                 [
                     *("celery", "-A", "workers.celery_app", "worker"),
                     *("-Q", queues, "-n", f"{name}@test", "--concurrency", "2"),
@@ -237,12 +251,12 @@ def launched(
         )
     try:
         for name in workers:
-            _wait_until(
+            wait_until(
                 lambda name=name: "ready." in (logs / f"{name}.log").read_text(),
                 60,
                 f"the {name} worker starting",
             )
-        _wait_until(
+        wait_until(
             lambda: "Booting worker" in (logs / "web.log").read_text(),
             30,
             "gunicorn starting",
@@ -258,13 +272,7 @@ def launched(
             },
         )
     finally:
-        for process in processes:
-            os.killpg(process.pid, signal.SIGTERM)
-        for process in processes:
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        stop_processes(*processes)
 
 
 @pytest.fixture(scope="session")

@@ -7,14 +7,10 @@ A Celery pool with prefork children serves its own metrics port.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +26,12 @@ from hookline.metrics import path_template
 from tests.conftest import (
     BROKER_URL,
     REDIS_URL,
-    ROOT,
     SECRET,
     fixture_bytes,
     forget_keys,
+    start_process,
+    stop_processes,
+    wait_until,
 )
 from webhook_gateway.app import EVENTS_PATH
 from webhook_gateway.signature import sign
@@ -69,37 +67,9 @@ def value(families: dict[str, list], sample: str, **labels: str) -> float:
     return found[0]
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout} s")
-        time.sleep(0.1)
-
-
 def pids_in(directory: Path, pattern: str = "*.db") -> set[int]:
     """Return the processes that have metric files in `directory`."""
     return {int(path.stem.rpartition("_")[2]) for path in directory.glob(pattern)}
-
-
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        args,
-        cwd=ROOT,
-        env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def stop(process: subprocess.Popen) -> None:
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=5)
 
 
 @dataclass
@@ -133,7 +103,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         "LOG_FORMAT": "json",
     }
     gunicorn = Path(sys.executable).with_name("gunicorn")
-    process = start(
+    process = start_process(
         [
             *(str(gunicorn), "-c", "config/gunicorn.py", "--max-requests", "5"),
             "webhook_gateway.wsgi:app",
@@ -154,7 +124,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         wait_until(answers, 30, "gunicorn answering")
         yield Gateway(url, process.pid, directory, prefix)
     finally:
-        stop(process)
+        stop_processes(process)
         forget_keys(redis.Redis.from_url(REDIS_URL), prefix)
 
 
@@ -300,7 +270,7 @@ def test_prefork_pool_serves_task_outcomes_on_its_port(
     # The first permission check fails the way GitHub does under load: one retry.
     fake_github.fail_next("GET", r"/collaborators/[^/]+/permission$", 502)
     log = tmp_path / "classify.log"
-    worker = start(
+    worker = start_process(
         [
             *(sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker"),
             *("-Q", "classify", "-n", f"metrics-{uuid.uuid4().hex[:6]}@test"),
@@ -337,7 +307,7 @@ def test_prefork_pool_serves_task_outcomes_on_its_port(
         wait_until(lambda: runs() == 3, 60, "three classify runs")
         families = scrape(url)
     finally:
-        stop(worker)
+        stop_processes(worker)
 
     def tasks(outcome: str) -> float:
         return value(
@@ -382,7 +352,7 @@ def test_pool_port_refuses_a_scrape_without_the_token(
     pool_env: dict[str, str], tmp_path: Path
 ) -> None:
     log = tmp_path / "classify.log"
-    worker = start(
+    worker = start_process(
         [
             *(sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker"),
             *("-Q", "classify", "-n", f"metrics-{uuid.uuid4().hex[:6]}@test"),
@@ -402,7 +372,7 @@ def test_pool_port_refuses_a_scrape_without_the_token(
         refused = requests.get(url, timeout=10)
         families = scrape(url)
     finally:
-        stop(worker)
+        stop_processes(worker)
 
     assert refused.status_code == 401
     # A thread pool runs its tasks in the one process: no directory needed.

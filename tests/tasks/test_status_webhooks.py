@@ -37,7 +37,7 @@ from hookline.models import (
     StatusEvent,
 )
 from tasks.status_webhooks import check_settings, claim_batch, flush_pending
-from tests.conftest import BROKER_URL, REDIS_URL, _start, _wait_until, forget_keys
+from tests.conftest import BROKER_URL, REDIS_URL, forget_keys, start_process, wait_until
 from workers.celery_app import (
     CALLBACKS_QUEUE,
     FLUSH_STATUS_EVENTS_TASK,
@@ -524,7 +524,7 @@ def test_a_real_callbacks_worker_runs_the_flush_sent_through_the_broker(
         "HOOKLINE_REDIS_PREFIX": prefix,
     }
     log = tmp_path / "callbacks.log"
-    worker = _start(
+    worker = start_process(
         [
             *("celery", "-A", "workers.celery_app", "worker", "-Q", CALLBACKS_QUEUE),
             *("-n", f"statuswh-{uuid.uuid4().hex[:8]}@test", "--pool", "threads"),
@@ -535,12 +535,12 @@ def test_a_real_callbacks_worker_runs_the_flush_sent_through_the_broker(
         log,
     )
     try:
-        _wait_until(lambda: "ready." in log.read_text(), 60, "the worker starting")
+        wait_until(lambda: "ready." in log.read_text(), 60, "the worker starting")
         # No queue named: the route must take it to the callbacks queue.
         create_celery(load_settings(env), publisher=True).send_task(
             FLUSH_STATUS_EVENTS_TASK
         )
-        _wait_until(
+        wait_until(
             lambda: {e.status for e in rows(database_url, conversation_id)} == {"sent"},
             30,
             "the worker sending the batch",
