@@ -17,9 +17,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    and_,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.sql.elements import ColumnElement
 
 
 def utcnow() -> datetime:
@@ -143,6 +145,11 @@ class Turn(Base):
     answered_at: Mapped[datetime | None] = mapped_column(DateTime)
 
     conversation: Mapped[Conversation] = relationship(back_populates="turns")
+
+    @classmethod
+    def at(cls, conversation_id: uuid.UUID, number: int) -> ColumnElement[bool]:
+        """Return the condition that picks one turn of one conversation."""
+        return and_(cls.conversation_id == conversation_id, cls.number == number)
 
 
 class Callback(Base):

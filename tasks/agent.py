@@ -158,9 +158,7 @@ def finish_turn(
                 f"{conversation.status} at turn {conversation.turn}"
             )
         turn = session.scalars(
-            select(Turn).where(
-                Turn.conversation_id == conversation_id, Turn.number == turn_number
-            )
+            select(Turn).where(Turn.at(conversation_id, turn_number))
         ).one()
         turn.reply = outcome.output or f"(error) {outcome.error}"
         turn.summary = summary

@@ -12,6 +12,7 @@ import uuid
 
 from celery import Task
 from sqlalchemy import select
+from sqlalchemy.orm import selectinload
 
 from hookline.db import session_scope
 from hookline.github import GitHubClient, GitHubError, TransientGitHubError
@@ -25,7 +26,7 @@ from hookline.models import (
 from tasks import common
 from tasks.rendering import render
 from tasks.replies import callback_mark, find_marked, status_mark, with_mark
-from tasks.workflow_runs import EVENT_PREFIX, failed_runs
+from tasks.workflow_runs import EVENT_PREFIX, reported_group
 from workers.celery_app import POST_CALLBACK_TASK, app
 
 log = logging.getLogger(__name__)
@@ -62,14 +63,13 @@ def callback_body(
             handle=handle,
         )
     elif event.startswith(EVENT_PREFIX):
+        runs, resumed = reported_group(common.settings().DATABASE_URL, callback)
         text = render(
             "ci_failed.j2",
             override_dir,
             conversation=conversation,
-            runs=failed_runs(common.settings().DATABASE_URL, conversation.id, event),
-            resumed=any(
-                t.cause.startswith("CI failed") for t in conversation.transitions
-            ),
+            runs=runs,
+            resumed=resumed,
         )
     elif event == ConversationStatus.STOPPED:
         text = render(
@@ -104,19 +104,22 @@ def _load(
 ) -> tuple[Conversation, Turn, Callback]:
     with session_scope(database_url) as session:
         callback = session.scalars(
-            select(Callback).where(
+            select(Callback)
+            .where(
                 Callback.conversation_id == conversation_id,
                 Callback.turn == turn,
                 Callback.event == event,
             )
+            # Read after the session closes: a stop notice names its cause.
+            .options(
+                selectinload(Callback.conversation).selectinload(
+                    Conversation.transitions
+                )
+            )
         ).one()
         conversation = callback.conversation
-        # Loaded now: the objects are read after the session closes.
-        conversation.transitions  # noqa: B018
         turn_row = session.scalars(
-            select(Turn).where(
-                Turn.conversation_id == conversation_id, Turn.number == turn
-            )
+            select(Turn).where(Turn.at(conversation_id, turn))
         ).one()
         return conversation, turn_row, callback
 

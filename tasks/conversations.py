@@ -301,10 +301,7 @@ def ensure_status_comment(
     """Post the turn's "working on it" comment once; its result will replace it."""
     with session_scope(database_url) as session:
         turn = session.scalars(
-            select(Turn).where(
-                Turn.conversation_id == stored.conversation_id,
-                Turn.number == stored.turn,
-            )
+            select(Turn).where(Turn.at(stored.conversation_id, stored.turn))
         ).one()
         conversation = turn.conversation
         if turn.status_comment_id is not None or turn.reply is not None:
@@ -335,10 +332,7 @@ def ensure_status_comment(
     with session_scope(database_url) as session:
         session.execute(
             update(Turn)
-            .where(
-                Turn.conversation_id == stored.conversation_id,
-                Turn.number == stored.turn,
-            )
+            .where(Turn.at(stored.conversation_id, stored.turn))
             .values(
                 status_comment_id=comment.get("id"),
                 status_comment_path=client.path_of(comment),

@@ -137,14 +137,16 @@ class MalformedPayload(ValueError):
     """A field the decision needs is missing or of the wrong type."""
 
 
-def _object(container: dict, key: str) -> dict:
+def object_field(container: dict, key: str) -> dict:
+    """Return `container[key]` if it is a JSON object, else MalformedPayload."""
     value = container.get(key)
     if not isinstance(value, dict):
         raise MalformedPayload(f"{key} is not an object")
     return value
 
 
-def _positive_int(container: dict, key: str) -> int:
+def positive_int(container: dict, key: str) -> int:
+    """Return `container[key]` if it is an id GitHub could send; else refuse it."""
     value = container.get(key)
     # bool is an int to Python, not to GitHub; ids are stored as 64-bit integers.
     if type(value) is not int or not 0 < value < 2**63:
@@ -152,7 +154,8 @@ def _positive_int(container: dict, key: str) -> int:
     return value
 
 
-def _text(container: dict, key: str) -> str:
+def text_field(container: dict, key: str) -> str:
+    """Return `container[key]` as text ("" when null), else MalformedPayload."""
     value = container.get(key)
     if value is None:
         return ""
@@ -168,8 +171,9 @@ def _login(user: dict) -> str:
     return login
 
 
-def _repository(payload: dict) -> str:
-    name = _object(payload, "repository").get("full_name")
+def repository_name(payload: dict) -> str:
+    """Return the delivery's owner/name, refusing anything that could walk a path."""
+    name = object_field(payload, "repository").get("full_name")
     # These names end up in API paths; refuse anything that could walk them.
     if not isinstance(name, str) or not _REPOSITORY.fullmatch(name):
         raise MalformedPayload("repository.full_name is not owner/name")
@@ -202,13 +206,16 @@ def _classify(event: str, payload: dict, label: str, handle: str) -> Decision:
     installation = payload.get("installation")
     if not isinstance(installation, dict) or "id" not in installation:
         return Decision("no App installation in the delivery")
-    installation_id = _positive_int(installation, "id")
-    repository = _repository(payload)
+    installation_id = positive_int(installation, "id")
+    repository = repository_name(payload)
 
     if event == "issues":
         if action != "labeled":
             return Decision(f"{action} issues do not trigger")
-        if _text(_object(payload, "label"), "name").casefold() != label.casefold():
+        if (
+            text_field(object_field(payload, "label"), "name").casefold()
+            != label.casefold()
+        ):
             return Decision("label is not the trigger label")
         return _issue_trigger(payload, repository, installation_id)
 
@@ -216,10 +223,10 @@ def _classify(event: str, payload: dict, label: str, handle: str) -> Decision:
         return Decision(
             f"{COMMENT_ACTIONS.get(action or '', f'{action} comments')} do not trigger"
         )
-    comment = _object(payload, "comment")
+    comment = object_field(payload, "comment")
     if _written_by_bot(payload, comment):
         return Decision("comment written by a bot")
-    body = _text(comment, "body")
+    body = text_field(comment, "body")
     if not mentions(body, handle):
         if handle.casefold() in body.casefold():
             return Decision(f"{handle} appears only in a quote, code or longer word")
@@ -232,8 +239,8 @@ def _classify(event: str, payload: dict, label: str, handle: str) -> Decision:
 
 
 def _issue_trigger(payload: dict, repository: str, installation_id: int) -> Decision:
-    issue = _object(payload, "issue")
-    number = _positive_int(issue, "number")
+    issue = object_field(payload, "issue")
+    number = positive_int(issue, "number")
     return Decision(
         "labeled issue",
         Trigger(
@@ -241,8 +248,8 @@ def _issue_trigger(payload: dict, repository: str, installation_id: int) -> Deci
             repository=repository,
             number=number,
             installation_id=installation_id,
-            author=_login(_object(payload, "sender")),
-            request=_text(issue, "body"),
+            author=_login(object_field(payload, "sender")),
+            request=text_field(issue, "body"),
             comment_id=None,
             comment_node_id=None,
             reaction_path=f"/repos/{repository}/issues/{number}/reactions",
@@ -260,9 +267,9 @@ def _issue_trigger(payload: dict, repository: str, installation_id: int) -> Deci
 def _issue_comment_trigger(
     payload: dict, repository: str, installation_id: int, command: str | None
 ) -> Decision:
-    issue, comment = _object(payload, "issue"), _object(payload, "comment")
-    number = _positive_int(issue, "number")
-    comment_id = _positive_int(comment, "id")
+    issue, comment = object_field(payload, "issue"), object_field(payload, "comment")
+    number = positive_int(issue, "number")
+    comment_id = positive_int(comment, "id")
     on_pull_request = bool(issue.get("pull_request"))
     return Decision(
         "pull request comment" if on_pull_request else "issue comment",
@@ -271,10 +278,10 @@ def _issue_comment_trigger(
             repository=repository,
             number=number,
             installation_id=installation_id,
-            author=_login(_object(comment, "user")),
-            request=_text(comment, "body"),
+            author=_login(object_field(comment, "user")),
+            request=text_field(comment, "body"),
             comment_id=comment_id,
-            comment_node_id=_text(comment, "node_id") or None,
+            comment_node_id=text_field(comment, "node_id") or None,
             reaction_path=(
                 f"/repos/{repository}/issues/comments/{comment_id}/reactions"
             ),
@@ -292,12 +299,15 @@ def _issue_comment_trigger(
 def _review_comment_trigger(
     payload: dict, repository: str, installation_id: int, command: str | None
 ) -> Decision:
-    pull, comment = _object(payload, "pull_request"), _object(payload, "comment")
-    number = _positive_int(pull, "number")
-    comment_id = _positive_int(comment, "id")
+    pull, comment = (
+        object_field(payload, "pull_request"),
+        object_field(payload, "comment"),
+    )
+    number = positive_int(pull, "number")
+    comment_id = positive_int(comment, "id")
     # GitHub takes replies only to a thread's first comment.
     thread_id = (
-        _positive_int(comment, "in_reply_to_id")
+        positive_int(comment, "in_reply_to_id")
         if comment.get("in_reply_to_id") is not None
         else comment_id
     )
@@ -310,18 +320,18 @@ def _review_comment_trigger(
             repository=repository,
             number=number,
             installation_id=installation_id,
-            author=_login(_object(comment, "user")),
-            request=_text(comment, "body"),
+            author=_login(object_field(comment, "user")),
+            request=text_field(comment, "body"),
             comment_id=comment_id,
-            comment_node_id=_text(comment, "node_id") or None,
+            comment_node_id=text_field(comment, "node_id") or None,
             reaction_path=f"/repos/{repository}/pulls/comments/{comment_id}/reactions",
             reply_path=(
                 f"/repos/{repository}/pulls/{number}/comments/{thread_id}/replies"
             ),
-            path=_text(comment, "path") or None,
+            path=text_field(comment, "path") or None,
             line=line if type(line) is int else None,
-            diff_hunk=_text(comment, "diff_hunk") or None,
-            head_ref=_text(head, "ref") or None,
+            diff_hunk=text_field(comment, "diff_hunk") or None,
+            head_ref=text_field(head, "ref") or None,
             thread_id=thread_id,
             command=command,
         ),

@@ -29,7 +29,7 @@ from hookline.models import (
     Turn,
     WorkflowRun,
 )
-from tasks.triggers import MalformedPayload, _object, _positive_int, _repository
+from tasks.triggers import MalformedPayload, object_field, positive_int, repository_name
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def run_status(status: object, conclusion: object) -> RunStatus:
 
 def parse_run(payload: dict) -> Run:
     """Read a workflow_run delivery; MalformedPayload if a field is unusable."""
-    run = _object(payload, "workflow_run")
+    run = object_field(payload, "workflow_run")
     branch, sha, name = run.get("head_branch"), run.get("head_sha"), run.get("name")
     if not isinstance(branch, str) or not branch or len(branch) > 255:
         raise MalformedPayload("workflow_run.head_branch is not a branch name")
@@ -88,8 +88,8 @@ def parse_run(payload: dict) -> Run:
         raise MalformedPayload("workflow_run.head_sha is not a commit")
     url = run.get("html_url")
     return Run(
-        id=_positive_int(run, "id"),
-        repository=_repository(payload),
+        id=positive_int(run, "id"),
+        repository=repository_name(payload),
         branch=branch,
         head_sha=sha,
         name=(name if isinstance(name, str) and name else "workflow")[:200],
@@ -169,6 +169,9 @@ def track(database_url: str, delivery_id: str, run: Run) -> Tracked:
                 turn=conversation.turn,
                 event=event,
                 github_path=conversation.reply_path,
+                # The delivery that completed the group; a turn it added, if
+                # any, tells the report that the conversation took it up.
+                delivery_id=delivery_id,
             )
         )
         resumed = conversation.status == ConversationStatus.AWAITING_INPUT
@@ -219,18 +222,23 @@ def _tell(
     conversation.run_attempts = 0
 
 
-def failed_runs(database_url: str, conversation_id: uuid.UUID, event: str) -> list:
-    """Return the failed runs a ci_failed callback reports."""
-    prefix = event.removeprefix(EVENT_PREFIX)
+def reported_group(
+    database_url: str, callback: Callback
+) -> tuple[list[WorkflowRun], bool]:
+    """Return the failed runs a CI callback reports, and whether its conversation
+    took the failure up as a turn."""
+    prefix = callback.event.removeprefix(EVENT_PREFIX)
     with session_scope(database_url) as session:
-        return list(
-            session.scalars(
-                select(WorkflowRun)
-                .where(
-                    WorkflowRun.conversation_id == conversation_id,
-                    WorkflowRun.head_sha.startswith(prefix),
-                    WorkflowRun.status == RunStatus.FAILURE,
-                )
-                .order_by(WorkflowRun.id)
+        runs = session.scalars(
+            select(WorkflowRun)
+            .where(
+                WorkflowRun.conversation_id == callback.conversation_id,
+                WorkflowRun.head_sha.startswith(prefix),
+                WorkflowRun.status == RunStatus.FAILURE,
             )
+            .order_by(WorkflowRun.id)
         )
+        taken_up = session.scalar(
+            select(Turn.id).where(Turn.delivery_id == callback.delivery_id)
+        )
+        return list(runs), taken_up is not None

@@ -129,6 +129,7 @@ def test_a_failed_group_is_reported_once_when_every_run_completed(
     assert second.author == "hookline"
     assert second.request.startswith("CI failed on your branch.")
     assert ("awaiting_input", "queued") in moves(running, conversation)
+    assert "I was waiting for your input" in notices[0]["body"]
 
 
 def test_runs_on_a_branch_no_conversation_works_on_are_ignored(
@@ -175,3 +176,27 @@ def test_a_malformed_run_is_refused(broken: dict) -> None:
 
     with pytest.raises(MalformedPayload):
         parse_run(payload)
+
+
+def test_a_finished_conversation_gets_the_report_but_no_new_turn(
+    running: Stack, branch: str
+) -> None:
+    ask_on_branch(running, branch, "@openhands rename the helper")
+    conversation = wait_for(
+        "the conversation to finish",
+        lambda: (
+            (c := conversation_on(running, branch)) and c.status == "finished" and c
+        ),
+    )
+    callbacks_done(running, conversation, 1)
+
+    payload = workflow_run(
+        branch, "b" * 40, next(_run_ids), "tests", "completed", "failure"
+    )
+    assert verdict_of(running, send(running, "workflow_run", payload)).verdict == "job"
+    callbacks_done(running, conversation, 2)
+
+    (notice,) = [c for c in running.fake.comments() if "CI failed" in c["body"]]
+    assert "I was waiting for your input" not in notice["body"]
+    assert len(turns_of(running, conversation)) == 1
+    assert moves(running, conversation)[-1] == ("running", "finished")
