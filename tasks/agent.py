@@ -305,7 +305,7 @@ def run_conversation(
         extra={
             "conversation": str(conversation_id),
             "turn": turn_number,
-            "event": event,
+            "outcome": event,
             "status": str(status),
             "error": outcome.error,
         },
@@ -335,8 +335,16 @@ def _agent_context(conversation: Conversation) -> dict[str, str]:
     time_limit=common.settings().HOOKLINE_AGENT_TIMEOUT + 60,
     **common.OUTAGE_RETRY,
 )
-def run_agent(conversation_id: str, delivery_id: str) -> str | None:
-    """Run the agent for a stored conversation."""
+def run_agent(
+    conversation_id: str,
+    delivery_id: str,
+    github_event: str = "",
+    installation: int | None = None,
+) -> str | None:
+    """Run the agent on a stored conversation's next turn.
+
+    `github_event` and `installation` are only for the log lines.
+    """
     config = common.settings()
     runtime = runtime_for(config)
     return run_conversation(config, uuid.UUID(conversation_id), delivery_id, runtime)

@@ -207,9 +207,19 @@ REACTIONS = {
     name=POST_CALLBACK_TASK, bind=True, base=common.GuardedTask, **common.OUTAGE_RETRY
 )
 def post_callback(
-    self: Task, conversation_id: str, event: str, delivery_id: str, turn: int = 1
+    self: Task,
+    conversation_id: str,
+    event: str,
+    delivery_id: str,
+    turn: int = 1,
+    github_event: str = "",
+    installation: int | None = None,
 ) -> str:
-    """Post a turn's result, question or error, or a stop, where it belongs."""
+    """Post a turn's result, question or error, or a stop, where it belongs.
+
+    `event` is the callback's (finished, error…); `github_event` and
+    `installation` are only for the log lines.
+    """
     config = common.settings()
     url = config.DATABASE_URL
     conversation, turn_row, callback = _load(
@@ -232,7 +242,7 @@ def post_callback(
         _record(url, callback.id, last_error=str(exc))
         common.retry_later(self, exc)
         _record(url, callback.id, status=CallbackStatus.FAILED.value)
-        log.error("callback.gave_up", extra={"error": str(exc), "event": event})
+        log.error("callback.gave_up", extra={"error": str(exc), "outcome": event})
         return CallbackStatus.FAILED.value
     except GitHubError as exc:
         _record(
@@ -240,7 +250,7 @@ def post_callback(
         )
         log.error(
             "callback.failed",
-            extra={"status": exc.status, "error": str(exc), "event": event},
+            extra={"status": exc.status, "error": str(exc), "outcome": event},
         )
         return CallbackStatus.FAILED.value
 
@@ -255,7 +265,7 @@ def post_callback(
     log.info(
         "callback.posted",
         extra={
-            "event": event,
+            "outcome": event,
             "turn": turn,
             "path": path,
             "comment": comment.get("id"),

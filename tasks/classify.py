@@ -10,6 +10,7 @@ from celery import Task
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from config.logging import bind, forwarded
 from config.settings import Settings
 from hookline.db import session_scope
 from hookline.github import PermanentGitHubError, TransientGitHubError
@@ -108,6 +109,9 @@ def classify_delivery(self: Task, delivery_id: str, event: str, body: str) -> st
         # The gateway parsed it already; only nesting too deep for this process
         # (or a message not sent by the gateway) gets here.
         return _fail(config, delivery_id, event, {}, "the body is not a JSON object")
+    installation = payload.get("installation")
+    if isinstance(installation, dict) and type(installation.get("id")) is int:
+        bind(installation=installation["id"])
     if event == "workflow_run":
         return track_workflow_run(config, delivery_id, payload)
     try:
@@ -143,7 +147,11 @@ def classify_delivery(self: Task, delivery_id: str, event: str, body: str) -> st
     # the delivery id, so a second copy of this message starts nothing new.
     app.send_task(
         START_CONVERSATION_TASK,
-        kwargs={"delivery_id": delivery_id, "trigger": decision.trigger},
+        kwargs={
+            "delivery_id": delivery_id,
+            "trigger": decision.trigger,
+            **forwarded(),
+        },
     )
     log.info("delivery.job", extra={"event": event, "reason": decision.reason})
     return Verdict.JOB.value

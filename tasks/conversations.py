@@ -21,6 +21,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from config.logging import forwarded
 from config.settings import Settings
 from hookline import lifecycle
 from hookline.db import session_scope
@@ -348,7 +349,11 @@ def queue_run(conversation_id: uuid.UUID, delivery_id: str) -> None:
     """Hand a queued conversation to the agent pool."""
     app.send_task(
         RUN_AGENT_TASK,
-        kwargs={"conversation_id": str(conversation_id), "delivery_id": delivery_id},
+        kwargs={
+            "conversation_id": str(conversation_id),
+            "delivery_id": delivery_id,
+            **forwarded(),
+        },
     )
 
 
@@ -363,6 +368,7 @@ def queue_callback(
             "turn": turn,
             "event": event,
             "delivery_id": delivery_id,
+            **forwarded(),
         },
     )
 
@@ -373,8 +379,18 @@ def queue_callback(
     base=common.GuardedTask,
     **common.OUTAGE_RETRY,
 )
-def start_conversation(self: Task, delivery_id: str, trigger: Trigger) -> str | None:
-    """Start a conversation, continue the open one, or stop it, once per delivery."""
+def start_conversation(
+    self: Task,
+    delivery_id: str,
+    trigger: Trigger,
+    github_event: str = "",
+    installation: int | None = None,
+) -> str | None:
+    """Start a conversation, continue the open one, or stop it, once per delivery.
+
+    `github_event` and `installation` are only for the log lines (see
+    config/logging.py); the worker binds them before the task runs.
+    """
     config = common.settings()
     if trigger.get("command") == "stop":
         return stop_conversation(self, config, delivery_id, trigger)

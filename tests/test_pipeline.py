@@ -332,6 +332,17 @@ def test_every_log_line_about_a_delivery_names_it(running: Stack) -> None:
         "callback.posted",
     } <= {r["message"] for r in mentioning}
     assert all(r["task"] for r in mentioning if r["logger"].startswith("tasks."))
+    # The event and installation travel with the delivery from pool to pool.
+    assert all(
+        (r["event"], r["installation"]) == ("issue_comment", "4001")
+        for r in mentioning
+        if r["logger"].startswith("tasks.")
+    )
+    assert all(
+        r["event"] == "issue_comment"
+        for r in mentioning
+        if r["logger"] == "webhook_gateway.app"
+    )
 
 
 def test_hostile_deliveries_get_a_verdict_and_the_pools_keep_working(

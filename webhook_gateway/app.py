@@ -124,8 +124,11 @@ def receive_delivery() -> tuple[Response, int]:
     gateway = _gateway()
     delivery_id = request.headers.get("X-GitHub-Delivery", "")
     bound_id = delivery_id if _DELIVERY_ID.fullmatch(delivery_id) else "-"
+    event = request.headers.get("X-GitHub-Event", "")
+    # The installation is in the body, which the gateway checks but never builds.
+    bound_event = event if _EVENT_NAME.fullmatch(event) else None
     try:
-        with bound_delivery(bound_id):
+        with bound_delivery(bound_id, event=bound_event):
             return _receive(gateway, delivery_id)
     finally:
         metrics.GATEWAY_REQUEST_SECONDS.observe(time.perf_counter() - started)

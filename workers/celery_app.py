@@ -18,7 +18,13 @@ from celery import Celery, Task, signals
 from celery.utils.nodenames import anon_nodename
 from kombu import Exchange, Queue
 
-from config.logging import delivery_id_var, setup_logging, task_id_var
+from config.logging import (
+    bind,
+    delivery_id_var,
+    setup_logging,
+    task_id_var,
+    unbind_all,
+)
 from config.settings import ConfigError, Settings, load_settings
 from hookline import metrics
 
@@ -287,15 +293,24 @@ def _configure_logging(**_: object) -> None:
 
 
 @signals.task_prerun.connect
-def _bind_delivery(task_id: str, kwargs: dict | None = None, **_: object) -> None:
-    delivery_id_var.set(str((kwargs or {}).get("delivery_id", "-")))
+def _bind_delivery(
+    task_id: str, task: Task, kwargs: dict | None = None, **_: object
+) -> None:
+    kwargs = kwargs or {}
+    delivery_id_var.set(str(kwargs.get("delivery_id", "-")))
     task_id_var.set(task_id)
+    # The classifier gets the event itself; later tasks get it forwarded.
+    event = kwargs.get("event") if task.name == CLASSIFY_TASK else None
+    trigger = kwargs.get("trigger")
+    installation = kwargs.get("installation")
+    if installation is None and isinstance(trigger, dict):
+        installation = trigger.get("installation_id")
+    bind(event=kwargs.get("github_event") or event, installation=installation)
 
 
 @signals.task_postrun.connect
 def _unbind_delivery(**_: object) -> None:
-    delivery_id_var.set("-")
-    task_id_var.set("-")
+    unbind_all()
 
 
 def _queue_of(task: Task) -> str:

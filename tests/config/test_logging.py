@@ -9,7 +9,10 @@ from config.logging import (
     ContextFilter,
     JsonFormatter,
     KeyValueFormatter,
+    bind,
     bound_delivery,
+    forwarded,
+    unbind_all,
 )
 
 
@@ -51,3 +54,27 @@ def test_celerys_task_payload_is_never_written() -> None:
 
     assert "the whole delivery" not in JsonFormatter().format(record)
     assert "the whole delivery" not in KeyValueFormatter().format(record)
+
+
+def test_bound_event_and_installation_are_written_and_forwarded() -> None:
+    with bound_delivery("d-3", "t-3", event="issue_comment"):
+        bind(installation=4001)
+        line = json.loads(formatted(JsonFormatter()))
+        text = formatted(KeyValueFormatter())
+        carried = forwarded()
+    unbind_all()
+
+    assert (line["event"], line["installation"]) == ("issue_comment", "4001")
+    assert "delivery=d-3 event=issue_comment installation=4001 task=t-3" in text
+    assert carried == {"github_event": "issue_comment", "installation": "4001"}
+    assert forwarded() == {}
+
+
+def test_a_lines_own_event_field_wins_over_the_bound_one() -> None:
+    with bound_delivery("d-4", event="issue_comment"):
+        line = json.loads(formatted(JsonFormatter(), event="finished"))
+        text = formatted(KeyValueFormatter(), event="finished")
+
+    assert line["event"] == "finished"
+    assert "event=issue_comment" not in text
+    assert "event='finished'" in text
