@@ -4,6 +4,7 @@
     hookline deliveries [--limit N]      recent deliveries and what became of them
     hookline explain DELIVERY_ID         the whole trace of one delivery
     hookline conversations [--limit N]   recent conversations and their state
+    hookline stop CONVERSATION           stop an open conversation and say so
 
 Every command takes --json. Exit codes: 0 done, 1 not found or refused, 2 usage
 or configuration error, 3 a service did not answer.
@@ -22,11 +23,14 @@ from typing import Any
 import requests
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 from config.settings import ConfigError, Settings, load_settings
 from hookline.db import session_scope
 from hookline.devtools import send_delivery
-from hookline.models import Callback, Conversation, Delivery
+from hookline.models import Callback, Conversation, Delivery, GitHubCall, Turn
+from hookline.runtime import runtime_for
+from tasks.conversations import OPEN, queue_callback, stop_open
 
 NOT_FOUND, USAGE, UNAVAILABLE = 1, 2, 3
 
@@ -105,14 +109,32 @@ def _conversations(
         ]
 
 
+def _find_conversation(session: Session, delivery_id: str) -> Conversation | None:
+    """Return the conversation a delivery started, continued or stopped."""
+    turn = session.scalars(select(Turn).where(Turn.delivery_id == delivery_id)).first()
+    if turn is not None:
+        return turn.conversation
+    callback = session.scalars(
+        select(Callback).where(Callback.delivery_id == delivery_id)
+    ).first()
+    if callback is not None:
+        return callback.conversation
+    return session.scalars(
+        select(Conversation).where(Conversation.delivery_id == delivery_id)
+    ).first()
+
+
 def _explain(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     with session_scope(settings.DATABASE_URL) as session:
         delivery = session.scalars(
             select(Delivery).where(Delivery.delivery_id == args.delivery)
         ).one_or_none()
-        conversation = session.scalars(
-            select(Conversation).where(Conversation.delivery_id == args.delivery)
-        ).one_or_none()
+        conversation = _find_conversation(session, args.delivery)
+        calls = session.scalars(
+            select(GitHubCall)
+            .where(GitHubCall.delivery_id == args.delivery)
+            .order_by(GitHubCall.id)
+        ).all()
         if delivery is None and conversation is None:
             raise CommandError(
                 f"no delivery {args.delivery} is recorded: it was refused at the "
@@ -128,11 +150,34 @@ def _explain(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
                 "reply_path": conversation.reply_path,
                 "result": conversation.result,
             }
+            trace["turns"] = [
+                {
+                    "turn": turn.number,
+                    "delivery": turn.delivery_id,
+                    "author": turn.author,
+                    "request": _first_line(turn.request),
+                    "reply": _first_line(turn.reply),
+                    "this_delivery": turn.delivery_id == args.delivery,
+                }
+                for turn in conversation.turns
+            ]
+            trace["transitions"] = [
+                {
+                    "at": row.at.isoformat(timespec="seconds"),
+                    "from": row.from_status,
+                    "to": row.to_status,
+                    "cause": row.cause,
+                }
+                for row in conversation.transitions
+            ]
             callbacks = session.scalars(
-                select(Callback).where(Callback.conversation_id == conversation.id)
+                select(Callback)
+                .where(Callback.conversation_id == conversation.id)
+                .order_by(Callback.id)
             )
             trace["callbacks"] = [
                 {
+                    "turn": callback.turn,
                     "event": callback.event,
                     "status": callback.status,
                     "attempts": callback.attempts,
@@ -142,7 +187,63 @@ def _explain(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
                 }
                 for callback in callbacks
             ]
+        trace["github_calls"] = [
+            {
+                "at": call.at.isoformat(timespec="seconds"),
+                "task": call.task,
+                "method": call.method,
+                "path": call.path,
+                "status": call.status or "no answer",
+                "ms": call.milliseconds,
+            }
+            for call in calls
+        ]
         return trace
+
+
+def _first_line(text: str | None, limit: int = 100) -> str:
+    line = next((line for line in (text or "").splitlines() if line.strip()), "")
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _stop(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    try:
+        conversation_id = uuid.UUID(args.conversation)
+    except ValueError:
+        raise CommandError(
+            f"{args.conversation} is not a conversation id", USAGE
+        ) from None
+    with session_scope(settings.DATABASE_URL) as session:
+        conversation = session.get(Conversation, conversation_id, with_for_update=True)
+        if conversation is None:
+            raise CommandError(f"no conversation {conversation_id}", NOT_FOUND)
+        if conversation.status not in OPEN:
+            raise CommandError(
+                f"conversation {conversation_id} is {conversation.status}: "
+                "there is nothing to stop",
+                NOT_FOUND,
+            )
+        turn = conversation.turns[-1] if conversation.turns else None
+        stop_open(
+            session,
+            conversation,
+            f"stopped by an operator: {args.reason}",
+            turn.reply_path if turn else conversation.reply_path,
+        )
+        stopped = _conversation_row(conversation)
+        turn_number, runtime_ref = conversation.turn, conversation.runtime_ref
+        delivery_id = conversation.delivery_id
+    if runtime_ref:
+        runtime_for(settings).stop(runtime_ref)
+    try:
+        queue_callback(conversation_id, turn_number, "stopped", delivery_id)
+    except Exception as exc:
+        raise CommandError(
+            f"conversation {conversation_id} is stopped, but its notice could not be "
+            f"queued ({type(exc).__name__}); the sweeper queues it later",
+            UNAVAILABLE,
+        ) from None
+    return stopped
 
 
 def _print_table(rows: list[dict[str, Any]], columns: Sequence[str]) -> None:
@@ -170,13 +271,28 @@ def _print_trace(trace: dict[str, Any]) -> None:
         print(f"  reaction   {conversation['reaction_path']}")
         if conversation["error"]:
             print(f"  error      {conversation['error']}")
+    for turn in trace.get("turns", []):
+        mark = "  <- this delivery" if turn["this_delivery"] else ""
+        print(f"turn {turn['turn']} by {turn['author']}{mark}")
+        print(f"  asked      {turn['request']}")
+        print(f"  answered   {turn['reply'] or '(not yet)'}")
+    for move in trace.get("transitions", []):
+        print(f"{move['at']}  {move['from'] or '-'} -> {move['to']}: {move['cause']}")
     for callback in trace.get("callbacks", []):
-        print(f"callback {callback['event']}: {callback['status']}")
+        turn = f" (turn {callback['turn']})" if callback["turn"] != 1 else ""
+        print(f"callback {callback['event']}{turn}: {callback['status']}")
         print(f"  attempts   {callback['attempts']}")
         if callback["path"]:
             print(f"  comment    {callback['comment']} at {callback['path']}")
         if callback["last_error"]:
             print(f"  last error {callback['last_error']}")
+    if trace.get("github_calls"):
+        print("GitHub calls:")
+    for call in trace.get("github_calls", []):
+        print(
+            f"  {call['at']}  {call['task'].removeprefix('hookline.'):<22} "
+            f"{call['method']:<5} {call['path']} -> {call['status']} ({call['ms']} ms)"
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -200,6 +316,12 @@ def _parser() -> argparse.ArgumentParser:
 
     conversations = commands.add_parser("conversations", help="recent conversations")
     conversations.add_argument("--limit", type=int, default=20)
+
+    stop = commands.add_parser("stop", help="stop an open conversation and say so")
+    stop.add_argument("conversation")
+    stop.add_argument(
+        "--reason", default="no reason given", help="recorded with the stop"
+    )
     return parser
 
 
@@ -213,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             "deliveries": _deliveries,
             "explain": _explain,
             "conversations": _conversations,
+            "stop": _stop,
         }[args.command](args, settings)
     except CommandError as exc:
         print(f"hookline {args.command}: {exc}", file=sys.stderr)
@@ -234,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         _print_trace(result)
     elif args.command == "deliveries":
         _print_table(result, ["at", "delivery", "event", "action", "verdict", "reason"])
+    elif args.command == "stop":
+        print(f"stopped conversation {result['conversation']}; the notice is queued")
     elif args.command == "conversations":
         _print_table(
             result, ["at", "conversation", "kind", "repository", "number", "status"]

@@ -19,7 +19,7 @@ import redis
 import requests
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from hookline import metrics
+from hookline import metrics, trace
 
 log = logging.getLogger(__name__)
 
@@ -183,16 +183,19 @@ def _send(
         "User-Agent": "hookline",
         **kwargs.pop("headers", {}),
     }
+    started = time.monotonic()
     try:
         response = session.request(
             method, url, headers=headers, timeout=timeout, **kwargs
         )
     except (requests.ConnectionError, requests.Timeout) as exc:
         metrics.github_call(method, url, None)
+        trace.note(method, _path(url), None, time.monotonic() - started)
         raise TransientGitHubError(
             f"{method} {_path(url)} failed: {type(exc).__name__}"
         ) from exc
     metrics.github_call(method, url, response.status_code)
+    trace.note(method, _path(url), response.status_code, time.monotonic() - started)
     log.debug(
         "github.call",
         extra={"method": method, "path": _path(url), "status": response.status_code},

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from config.settings import ConfigError, Settings, load_settings
+from hookline import trace
 from hookline.github import (
     GitHubApp,
     GitHubClient,
@@ -81,6 +82,17 @@ def _new_session() -> requests.Session:
     session.verify = environment["verify"]
     session.trust_env = False
     return session
+
+
+@signals.task_prerun.connect
+def _note_github_calls(**_: object) -> None:
+    trace.begin()
+
+
+@signals.task_postrun.connect
+def _keep_github_calls(task: Task, kwargs: dict | None = None, **_: object) -> None:
+    delivery_id = str((kwargs or {}).get("delivery_id", ""))
+    trace.end(settings().DATABASE_URL, delivery_id, task.name)
 
 
 @signals.worker_init.connect

@@ -457,26 +457,47 @@ def mark_stopped(
         conversation = open_conversation(session, repository, number, lock=True)
         if conversation is None:
             return None
-        lifecycle.record(
+        stop_open(
             session,
-            conversation.id,
-            conversation.status,
-            ConversationStatus.STOPPED,
+            conversation,
             f"stopped by {trigger['author']}",
-        )
-        conversation.status = ConversationStatus.STOPPED.value
-        conversation.lease_expires_at = None
-        conversation.finished_at = utcnow()
-        session.add(
-            Callback(
-                conversation_id=conversation.id,
-                turn=conversation.turn,
-                event=ConversationStatus.STOPPED.value,
-                delivery_id=delivery_id,
-                github_path=trigger["reply_path"],
-            )
+            trigger["reply_path"],
+            delivery_id,
         )
         return conversation.id, conversation.turn, conversation.runtime_ref
+
+
+def stop_open(
+    session: Session,
+    conversation: Conversation,
+    cause: str,
+    reply_path: str,
+    delivery_id: str | None = None,
+) -> None:
+    """Stop an open conversation in this session and owe the notice at `reply_path`.
+
+    The caller holds the conversation's row lock; a running agent sees the stop
+    at its next heartbeat.
+    """
+    lifecycle.record(
+        session,
+        conversation.id,
+        conversation.status,
+        ConversationStatus.STOPPED,
+        cause,
+    )
+    conversation.status = ConversationStatus.STOPPED.value
+    conversation.lease_expires_at = None
+    conversation.finished_at = utcnow()
+    session.add(
+        Callback(
+            conversation_id=conversation.id,
+            turn=conversation.turn,
+            event=ConversationStatus.STOPPED.value,
+            delivery_id=delivery_id,
+            github_path=reply_path,
+        )
+    )
 
 
 def stop_conversation(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from hookline.devtools import free_port
 from tests.conftest import FIXTURES, Stack
+from tests.test_conversations import _issue_numbers, only_conversation, say
 from tests.test_pipeline import callback_of, verdict_of
 
 HOOKLINE = Path(sys.executable).with_name("hookline")
@@ -59,6 +60,20 @@ def test_send_then_explain_traces_the_delivery_to_its_comment(running: Stack) ->
     assert as_json["callbacks"][0]["path"] == (
         f"/repos/octo-user/Hello-World/issues/comments/{comment['id']}"
     )
+    # Each GitHub call the pools made for it, in order, with its answer.
+    calls = [(c["method"], c["path"], c["status"]) for c in as_json["github_calls"]]
+    permission = "/repos/octo-user/Hello-World/collaborators/octo-user/permission"
+    assert ("GET", permission, 200) in calls
+    assert ("POST", "/repos/octo-user/Hello-World/issues/1/comments", 201) in calls
+    assert (
+        "PATCH",
+        f"/repos/octo-user/Hello-World/issues/comments/{comment['id']}",
+        200,
+    ) in calls
+    assert "GitHub calls:" in explained.stdout
+    assert "queued -> running: agent run of turn 1 started" in explained.stdout
+    assert [t["turn"] for t in as_json["turns"]] == [1]
+    assert as_json["turns"][0]["this_delivery"] is True
 
 
 def test_explain_says_why_a_delivery_was_ignored(running: Stack) -> None:
@@ -113,3 +128,34 @@ def test_services_that_do_not_answer_give_exit_3_and_a_sentence(
     assert no_database.returncode == 3
     assert "the database did not answer" in no_database.stderr
     assert "Traceback" not in no_database.stderr + unsent.stderr
+
+
+def test_stop_ends_an_open_conversation_once(running: Stack, environment) -> None:
+    issue = next(_issue_numbers)
+    say(running, issue, "@openhands sleep 30")
+    conversation = only_conversation(running, issue, "running")
+    broker = {
+        name: environment[name]
+        for name in ("CELERY_BROKER_URL", "CELERY_BROKER_KEYPREFIX", "REDIS_URL")
+    }
+
+    stopped = hookline(
+        running, "stop", str(conversation.id), "--reason", "maintenance", **broker
+    )
+    again = hookline(running, "stop", str(conversation.id), **broker)
+    garbled = hookline(running, "stop", "not-an-id", **broker)
+
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"stopped conversation {conversation.id}" in stopped.stdout
+    only_conversation(running, issue, "stopped")
+    assert running.fake.wait_for(
+        lambda fake: any(
+            "Stopped (stopped by an operator" in c["body"] for c in fake.comments()
+        ),
+        timeout=30,
+    )
+    (notice,) = [c for c in running.fake.comments() if "maintenance" in c["body"]]
+    assert notice["body"].startswith("Stopped (stopped by an operator: maintenance).")
+    assert again.returncode == 1
+    assert "is stopped: there is nothing to stop" in again.stderr
+    assert garbled.returncode == 2
