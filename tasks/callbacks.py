@@ -114,7 +114,8 @@ def _load(
             .options(
                 selectinload(Callback.conversation).selectinload(
                     Conversation.transitions
-                )
+                ),
+                selectinload(Callback.conversation).selectinload(Conversation.turns),
             )
         ).one()
         conversation = callback.conversation
@@ -175,25 +176,57 @@ def deliver(
     """Put a callback on GitHub; return the comment and its path.
 
     A turn's outcome replaces its "working on it" comment (editing is safe to
-    repeat); without one it is a new comment. A stop is a new comment where it
-    was asked, and a turn cut short has its "working on it" comment say so.
+    repeat); without one it is a new comment. A stop or a failed CI report is
+    a new comment where it belongs. After a stop or an error, the turns left
+    unanswered have their "working on it" comments say so.
     """
     if callback.event not in TURN_EVENTS:
         path = callback.github_path or turn.reply_path
         comment = post(client, conversation, callback, path, body)
-        stopped = callback.event == ConversationStatus.STOPPED
-        if stopped and turn.reply is None and turn.status_comment_id is not None:
-            text = render("interrupted.j2", override_dir, turn=turn)
-            client.edit_comment(
-                turn.status_comment_path or "",
-                with_mark(text, status_mark(conversation.id, turn.number)),
-            )
-        return comment, path
-    if turn.status_comment_id is not None and turn.status_comment_path:
+    elif turn.status_comment_id is not None and turn.status_comment_path:
         _record(common.settings().DATABASE_URL, callback.id, attempted=True)
         comment = client.edit_comment(turn.status_comment_path, body)
-        return comment, turn.status_comment_path
-    return post(client, conversation, callback, turn.reply_path, body), turn.reply_path
+        path = turn.status_comment_path
+    else:
+        path = turn.reply_path
+        comment = post(client, conversation, callback, path, body)
+    if callback.event in ENDINGS:
+        close_unanswered(client, conversation, callback, override_dir)
+    return comment, path
+
+
+# A conversation that ends so leaves any turn still waiting unanswered.
+ENDINGS = {ConversationStatus.STOPPED.value, ConversationStatus.ERROR.value}
+
+
+def close_unanswered(
+    client: GitHubClient,
+    conversation: Conversation,
+    callback: Callback,
+    override_dir: str,
+) -> None:
+    """Edit the "working on it" comments of turns that will get no answer.
+
+    A stop cuts short the turn it finds running and those waiting behind it; an
+    error ends the conversation before the waiting ones are read. Each says so,
+    rather than promising an answer forever. Edits are safe to repeat.
+    """
+    stopped = callback.event == ConversationStatus.STOPPED
+    for turn in conversation.turns:
+        if turn.reply is not None or turn.status_comment_id is None:
+            continue
+        if not stopped and turn.number <= callback.turn:
+            continue
+        text = render(
+            "unanswered.j2",
+            override_dir,
+            stopped=stopped,
+            handle=common.settings().bot_handle,
+        )
+        client.edit_comment(
+            turn.status_comment_path or "",
+            with_mark(text, status_mark(conversation.id, turn.number)),
+        )
 
 
 # The trigger's reactions tell its state at a glance: eyes, then one of these.

@@ -1,8 +1,8 @@
 """The agent command the tests run: a real subprocess that answers by rule.
 
 It reads the transcript on stdin and looks only at the last user message:
-"fail please" exits 4; "ask please" asks a question (exit 3); "sleep N" sleeps
-N seconds first; anything else is echoed back with the context it was given.
+"sleep N" sleeps N seconds first; then "fail please" exits 4; "ask please"
+asks a question (exit 3); anything else is echoed back with the context it was given.
 Asked for a summary (HOOKLINE_PURPOSE=summary), it sums up the turns so far.
 """
 
@@ -17,12 +17,12 @@ turn = os.environ.get("HOOKLINE_TURN", "?")
 if os.environ.get("HOOKLINE_PURPOSE") == "summary":
     print(f"summary: {transcript.count('--- user')} follow-ups so far, turn {turn}")
     sys.exit(0)
-if "fail please" in last:
-    print("Traceback (most recent call last): secret-ish detail", file=sys.stderr)
-    sys.exit(4)
 pause = re.search(r"sleep (\d+(?:\.\d+)?)", last)
 if pause:
     time.sleep(float(pause.group(1)))
+if "fail please" in last:
+    print("Traceback (most recent call last): secret-ish detail", file=sys.stderr)
+    sys.exit(4)
 if "ask please" in last:
     print(f"which option do you want? (turn {turn})")
     sys.exit(3)

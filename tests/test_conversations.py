@@ -305,3 +305,53 @@ def test_an_error_ends_the_conversation_and_a_new_mention_starts_another(
         "a second conversation to finish",
         lambda: [c.status for c in conversations(talk, issue)] == ["error", "finished"],
     )
+
+
+def test_turns_left_waiting_by_an_error_say_they_were_not_answered(
+    talk: Stack, issue: int
+) -> None:
+    say(talk, issue, "@openhands sleep 3 then fail please")
+    only_conversation(talk, issue, "running")
+    say(talk, issue, "@openhands and also this")
+    wait_for(
+        "the waiting turn's comment",
+        lambda: any("comes next" in c["body"] for c in talk.fake.comments()),
+    )
+
+    failed = only_conversation(talk, issue, "error")
+    callbacks_done(talk, failed, 1)
+    wait_for(
+        "the waiting comment to be closed",
+        lambda: any("Not answered" in c["body"] for c in talk.fake.comments()),
+    )
+    notice, waiting = talk.fake.comments()
+    assert "could not finish this request" in notice["body"]
+    assert waiting["body"].startswith("Not answered: the conversation ended")
+    assert [t.reply is None for t in turns_of(talk, failed)] == [False, True]
+
+
+def test_stop_closes_the_running_turn_and_the_ones_waiting(
+    talk: Stack, issue: int
+) -> None:
+    say(talk, issue, "@openhands sleep 30")
+    only_conversation(talk, issue, "running")
+    say(talk, issue, "@openhands and also this")
+    wait_for(
+        "the waiting turn's comment",
+        lambda: any("comes next" in c["body"] for c in talk.fake.comments()),
+    )
+    say(talk, issue, "@openhands stop")
+
+    stopped = only_conversation(talk, issue, "stopped")
+    callbacks_done(talk, stopped, 1)
+    wait_for(
+        "both turns' comments to say they stopped",
+        lambda: (
+            sum(
+                c["body"].startswith("Stopped before this was finished.")
+                for c in talk.fake.comments()
+            )
+            == 2
+        ),
+    )
+    assert len(talk.fake.comments()) == 3
