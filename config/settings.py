@@ -59,6 +59,10 @@ class Settings:
     HOOKLINE_TEMPLATES_DIR: str = ""
     HOOKLINE_MAX_BODY_BYTES: int = 25 * 1024 * 1024
     HOOKLINE_DELIVERY_TTL: int = 3 * 24 * 3600
+    # The inbox keeps bodies this long; ids (and so replay protection) for good.
+    HOOKLINE_INBOX_RETENTION: int = 14 * 24 * 3600
+    # A delivery still unclassified after this long is queued again from the inbox.
+    HOOKLINE_INBOX_REQUEUE_AFTER: int = 120
     HOOKLINE_BODY_TTL: int = 60
     HOOKLINE_GITHUB_TIMEOUT: float = 10.0
     HOOKLINE_RETRY_BASE: float = 1.0

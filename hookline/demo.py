@@ -96,7 +96,7 @@ def _outcome_of(sent: Sent, database_url: str, fake: FakeGitHub) -> bool:
         delivery = session.scalars(
             select(Delivery).where(Delivery.delivery_id == sent.delivery_id)
         ).one_or_none()
-        if delivery is None:
+        if delivery is None or delivery.verdict == "received":
             return False
         sent.outcome = [f"{delivery.verdict}: {delivery.reason}"]
         if delivery.verdict != "job":

@@ -34,6 +34,7 @@ class Base(DeclarativeBase):
 
 
 class Verdict(enum.StrEnum):
+    RECEIVED = "received"  # stored by the gateway, not classified yet
     JOB = "job"
     IGNORED = "ignored"
     FAILED = "failed"
@@ -55,9 +56,17 @@ class CallbackStatus(enum.StrEnum):
 
 
 class Delivery(Base):
-    """One webhook delivery the classification pool has looked at, and its verdict."""
+    """One accepted webhook delivery: stored by the gateway, then its verdict."""
 
     __tablename__ = "deliveries"
+    __table_args__ = (
+        Index(
+            "ix_deliveries_received",
+            "created_at",
+            postgresql_where=text("verdict = 'received'"),
+            sqlite_where=text("verdict = 'received'"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     delivery_id: Mapped[str] = mapped_column(String(72), unique=True)
@@ -67,6 +76,9 @@ class Delivery(Base):
     repository: Mapped[str | None] = mapped_column(String(200))
     verdict: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str] = mapped_column(Text, default="")
+    # The inbox: the JSON text and the headers that matter, until retention ends.
+    body: Mapped[str | None] = mapped_column(Text)
+    headers: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime, default=utcnow, onupdate=utcnow

@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from config.logging import bind, forwarded
 from config.settings import Settings
+from hookline import inbox
 from hookline.db import session_scope
 from hookline.github import PermanentGitHubError, TransientGitHubError
 from hookline.models import Delivery, Verdict
@@ -19,7 +20,12 @@ from tasks import common, workflow_runs
 from tasks.conversations import queue_callback, queue_run
 from tasks.triggers import Decision, MalformedPayload, Trigger, classify
 from tasks.workflow_runs import parse_run
-from workers.celery_app import CLASSIFY_TASK, START_CONVERSATION_TASK, app
+from workers.celery_app import (
+    CLASSIFY_TASK,
+    START_CONVERSATION_TASK,
+    SWEEP_INBOX_TASK,
+    app,
+)
 
 log = logging.getLogger(__name__)
 
@@ -209,3 +215,40 @@ def track_workflow_run(config: Settings, delivery_id: str, payload: dict) -> str
         },
     )
     return verdict.value
+
+
+# A sweep queues at most this many, so a large backlog drains over several runs.
+REQUEUE_PER_SWEEP = 500
+
+
+@app.task(name=SWEEP_INBOX_TASK, **common.OUTAGE_RETRY)
+def sweep_inbox() -> int:
+    """Queue again deliveries whose task was lost; drop bodies past retention."""
+    config = common.settings()
+    lost = inbox.unclassified(
+        config.DATABASE_URL, config.HOOKLINE_INBOX_REQUEUE_AFTER, REQUEUE_PER_SWEEP
+    )
+    inbox.give_up(
+        config.DATABASE_URL,
+        [delivery.delivery_id for delivery in lost if delivery.body is None],
+        "its task was lost and its body is past retention",
+    )
+    for delivery in lost:
+        if delivery.body is None:
+            continue
+        app.send_task(
+            CLASSIFY_TASK,
+            kwargs={
+                "delivery_id": delivery.delivery_id,
+                "event": delivery.event,
+                "body": delivery.body,
+            },
+        )
+    dropped = inbox.drop_old_bodies(
+        config.DATABASE_URL, config.HOOKLINE_INBOX_RETENTION, REQUEUE_PER_SWEEP
+    )
+    if lost or dropped:
+        log.warning(
+            "inbox.swept", extra={"requeued": len(lost), "bodies_dropped": dropped}
+        )
+    return len(lost)

@@ -1,12 +1,15 @@
-"""The HTTP edge: verify a GitHub delivery, drop replays, queue it, answer at once.
+"""The HTTP edge: verify a GitHub delivery, drop replays, store it, queue it.
 
-Nothing here calls GitHub or the database; the classification pool does the rest.
+An accepted delivery is in the inbox (the database) before it is queued and
+before GitHub hears 202; nothing here calls GitHub. The classification pool does
+the rest.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -16,11 +19,13 @@ import redis
 from celery import Celery
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CollectorRegistry
+from sqlalchemy.exc import SQLAlchemyError
 
 from config.logging import bound_delivery
 from config.settings import Settings, load_settings
 from hookline import metrics
-from webhook_gateway.dedup import Deduplicator, body_digest
+from hookline.inbox import KEPT_HEADERS, Inbox, gateway_engine
+from webhook_gateway.dedup import Deduplicator, DeliveryClaim, body_digest
 from webhook_gateway.health import bp as health_bp
 from webhook_gateway.signature import is_valid_signature
 from workers.celery_app import CLASSIFY_TASK, RedisTaskMessages, create_celery
@@ -43,8 +48,9 @@ class Gateway:
     settings: Settings
     secret: bytes
     deduplicator: Deduplicator
+    inbox: Inbox
     celery: Celery
-    # Set when the broker is the claims' Redis: the claim then queues the task too.
+    # Set when the broker is the claims' Redis: the task is pushed there directly.
     messages: RedisTaskMessages | None = None
     # Every gunicorn worker's metrics and the queue depths, built once per process.
     metrics_registry: CollectorRegistry | None = None
@@ -183,38 +189,70 @@ def _receive(gateway: Gateway, delivery_id: str) -> tuple[Response, int]:
         metrics.DELIVERIES_PING.inc()
         return jsonify(status="pong", delivery=delivery_id), 200
 
-    queue = None
-    if gateway.messages is not None:
-        kwargs = {"delivery_id": delivery_id, "event": event, "body": text}
-        message = gateway.messages.build(CLASSIFY_TASK, kwargs, large="body")
-        queue = (gateway.messages.queue_key(CLASSIFY_TASK), message)
     try:
-        claim = gateway.deduplicator.claim(delivery_id, digest, queue)
+        claim = gateway.deduplicator.claim(delivery_id, digest)
     except redis.RedisError as exc:
         log.error("delivery.dedup_unavailable", extra={"error": type(exc).__name__})
         return _refuse(503, "dedup_unavailable", "Try again: Redis did not answer.")
     if claim is None:
-        log.info("delivery.duplicate", extra={"event": event})
-        metrics.DELIVERIES_DUPLICATE.inc()
-        return jsonify(status="duplicate", delivery=delivery_id), 200
+        return _duplicate(delivery_id)
 
-    if queue is None:
-        try:
-            gateway.celery.send_task(
-                CLASSIFY_TASK,
-                kwargs={"delivery_id": delivery_id, "event": event, "body": text},
-            )
-        except Exception as exc:
-            # Let go of the claim so that GitHub's redelivery of this id gets through.
-            claim.release()
-            log.error("delivery.enqueue_failed", extra={"error": type(exc).__name__})
-            return _refuse(
-                503, "queue_unavailable", "Try again: the broker did not answer."
-            )
+    headers = {
+        name: value[:200]
+        for name in KEPT_HEADERS
+        if (value := request.headers.get(name))
+    }
+    try:
+        stored = gateway.inbox.store(delivery_id, event, text, headers)
+    except SQLAlchemyError as exc:
+        claim.release()
+        log.error("delivery.inbox_unavailable", extra={"error": type(exc).__name__})
+        return _refuse(
+            503, "inbox_unavailable", "Try again: the database did not answer."
+        )
+    if not stored:
+        # Known to the inbox though Redis forgot it: its claim outlived the TTL.
+        return _duplicate(delivery_id)
+
+    try:
+        _enqueue(gateway, delivery_id, event, text)
+    except Exception as exc:
+        # Nothing half-done: forget the stored row and the claim, so that
+        # GitHub's redelivery of this id gets through.
+        log.error("delivery.enqueue_failed", extra={"error": type(exc).__name__})
+        _undo(gateway, delivery_id, claim)
+        return _refuse(
+            503, "queue_unavailable", "Try again: the broker did not answer."
+        )
 
     log.info("delivery.accepted", extra={"event": event})
     metrics.DELIVERIES_ACCEPTED.inc()
     return jsonify(status="queued", delivery=delivery_id), 202
+
+
+def _duplicate(delivery_id: str) -> tuple[Response, int]:
+    log.info("delivery.duplicate")
+    metrics.DELIVERIES_DUPLICATE.inc()
+    return jsonify(status="duplicate", delivery=delivery_id), 200
+
+
+def _enqueue(gateway: Gateway, delivery_id: str, event: str, text: str) -> None:
+    kwargs = {"delivery_id": delivery_id, "event": event, "body": text}
+    if gateway.messages is None:
+        gateway.celery.send_task(CLASSIFY_TASK, kwargs=kwargs)
+        return
+    message = gateway.messages.build(CLASSIFY_TASK, kwargs, large="body")
+    gateway.deduplicator.push(gateway.messages.queue_key(CLASSIFY_TASK), message)
+
+
+def _undo(gateway: Gateway, delivery_id: str, claim: DeliveryClaim) -> None:
+    try:
+        gateway.inbox.forget(delivery_id)
+    except SQLAlchemyError as exc:
+        # The row stays `received`: the requeue sweep queues it, and GitHub's
+        # redelivery is then a duplicate. Done once either way.
+        log.error("delivery.forget_failed", extra={"error": type(exc).__name__})
+    claim.release()
 
 
 @bp.get(METRICS_PATH)
@@ -261,6 +299,13 @@ def create_app(settings: Settings | None = None) -> Flask:
             settings.HOOKLINE_DELIVERY_TTL,
             settings.HOOKLINE_BODY_TTL,
             settings.HOOKLINE_REDIS_PREFIX,
+        ),
+        # A connection for each gunicorn thread of this worker (config/gunicorn.py).
+        inbox=Inbox(
+            gateway_engine(
+                settings.DATABASE_URL,
+                connections=int(os.environ.get("WEB_THREADS", "8")),
+            )
         ),
         celery=celery,
         messages=(

@@ -1,8 +1,8 @@
 """Replay protection: one Redis round trip claims a delivery id and a body hash.
 
-When the broker is that same Redis database, the round trip also queues the task
-(workers.celery_app.RedisTaskMessages): claimed and queued happen together or not
-at all, so there is no claim to let go of when queueing fails.
+The claim is the fast first check; the inbox's unique delivery id is the lasting
+one. When the broker is this same Redis database, the gateway pushes its task
+message here too (`push`, workers.celery_app.RedisTaskMessages).
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ log = logging.getLogger(__name__)
 
 # Claim the delivery id first and the body only for a new id, so that a replayed
 # id never claims a body it did not deliver. 1: claimed; 0: body seen; -1: id seen.
-# With a third key, a claimed delivery's task message is pushed onto that queue
-# before anything is claimed: a push Redis refuses (out of memory) claims nothing.
 _CLAIM = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return -1
@@ -26,9 +24,6 @@ end
 if redis.call('EXISTS', KEYS[2]) == 1 then
   redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
   return 0
-end
-if KEYS[3] then
-  redis.call('LPUSH', KEYS[3], ARGV[3])
 end
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[1])
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
@@ -72,27 +67,21 @@ class Deduplicator:
         self._ttls = [delivery_ttl, body_ttl]
         self._prefix = prefix
 
-    def claim(
-        self,
-        delivery_id: str,
-        digest: str,
-        queue: tuple[str, bytes | bytearray] | None = None,
-    ) -> DeliveryClaim | None:
+    def claim(self, delivery_id: str, digest: str) -> DeliveryClaim | None:
         """Claim a delivery; return None when its id or its body was seen recently.
 
-        `digest` is body_digest(body). With `queue` (a list's key and a message),
-        a claimed delivery's message is pushed onto that list as well.
+        `digest` is body_digest(body).
         """
         # GitHub sends lowercase GUIDs; case must not make a replay look new.
         keys = [
             f"{self._prefix}delivery:{delivery_id.lower()}",
             f"{self._prefix}body:{digest}",
         ]
-        args: list[object] = list(self._ttls)
-        if queue is not None:
-            keys.append(queue[0])
-            # redis-py sends a memoryview as it is; a bytearray it refuses.
-            args.append(memoryview(queue[1]))
-        if self._claim(keys=keys, args=args) == 1:
-            return DeliveryClaim(self._client, keys[:2])
+        if self._claim(keys=keys, args=self._ttls) == 1:
+            return DeliveryClaim(self._client, keys)
         return None
+
+    def push(self, queue_key: str, message: bytes | bytearray) -> None:
+        """Push a task message onto a list of this Redis (it is the broker)."""
+        # redis-py sends a memoryview as it is; a bytearray it refuses.
+        self._client.lpush(queue_key, memoryview(message))

@@ -43,6 +43,7 @@ POST_CALLBACK_TASK = "hookline.post_callback"
 SWEEP_TASK = "hookline.requeue_stalled_work"
 REDELIVER_TASK = "hookline.redeliver_failed_deliveries"
 FLUSH_STATUS_EVENTS_TASK = "hookline.flush_status_events"
+SWEEP_INBOX_TASK = "hookline.sweep_inbox"
 
 TASK_ROUTES = {
     CLASSIFY_TASK: {"queue": CLASSIFY_QUEUE},
@@ -52,6 +53,7 @@ TASK_ROUTES = {
     SWEEP_TASK: {"queue": CONVERSATIONS_QUEUE},
     REDELIVER_TASK: {"queue": CONVERSATIONS_QUEUE},
     FLUSH_STATUS_EVENTS_TASK: {"queue": CALLBACKS_QUEUE},
+    SWEEP_INBOX_TASK: {"queue": CLASSIFY_QUEUE},
 }
 
 
@@ -140,6 +142,7 @@ def create_celery(settings: Settings, publisher: bool = False) -> Celery:
         beat_schedule={
             "requeue-stalled-work": {"task": SWEEP_TASK, "schedule": 30.0},
             "redeliver-failed-deliveries": {"task": REDELIVER_TASK, "schedule": 300.0},
+            "sweep-inbox": {"task": SWEEP_INBOX_TASK, "schedule": 60.0},
             **(
                 {
                     "flush-status-events": {

@@ -20,6 +20,13 @@ from webhook_gateway.app import create_app
 
 QUIET_BROKER_URL = "redis://127.0.0.1:6379/12"
 QUEUE = f"{PREFIX}classify"
+# The session's migrated database, for the inbox (set by the fixture below).
+_inbox: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True)
+def _inbox_database(database_url: str) -> None:
+    _inbox["url"] = database_url
 
 
 def gateway(**overrides: object) -> FlaskClient:
@@ -31,6 +38,7 @@ def gateway(**overrides: object) -> FlaskClient:
             "CELERY_BROKER_URL": QUIET_BROKER_URL,
             "CELERY_BROKER_KEYPREFIX": PREFIX,
             "HOOKLINE_REDIS_PREFIX": PREFIX,
+            "DATABASE_URL": _inbox["url"],
             **overrides,
         },
     )

@@ -14,8 +14,12 @@ from urllib.parse import urlencode
 
 import pytest
 from flask.testing import FlaskClient
+from sqlalchemy import select
 
-from tests.conftest import SECRET, fixture_bytes
+from hookline import inbox
+from hookline.db import session_scope
+from hookline.models import Delivery
+from tests.conftest import PREFIX, SECRET, fixture_bytes
 from tests.webhook_gateway.conftest import gateway, queued
 from webhook_gateway.app import EVENTS_PATH
 from webhook_gateway.signature import sign
@@ -205,6 +209,69 @@ def test_broker_down_answers_503_and_lets_a_redelivery_through(client, broker):
     assert refused.status_code == 503
     assert refused.json["reason"] == "queue_unavailable"
     assert redelivered.status_code == 202
+    assert len(queued(broker)) == 1
+
+
+def test_accepted_delivery_is_in_the_inbox_before_the_answer(
+    client, broker, database_url
+) -> None:
+    delivery_id = str(uuid.uuid4())
+    response = post(client, delivery_id=delivery_id)
+
+    assert response.status_code == 202
+    with session_scope(database_url) as session:
+        row = session.scalars(
+            select(Delivery).where(Delivery.delivery_id == delivery_id)
+        ).one()
+    assert (row.event, row.verdict, row.body) == (
+        "issue_comment",
+        "received",
+        BODY.decode(),
+    )
+    assert row.headers["X-GitHub-Delivery"] == delivery_id
+    assert row.headers["X-GitHub-Event"] == "issue_comment"
+    assert "X-Hub-Signature-256" not in row.headers
+
+
+def test_database_down_answers_503_and_keeps_nothing(client, broker) -> None:
+    down = gateway(DATABASE_URL="postgresql://postgres@127.0.0.1:1/test")
+    delivery_id = str(uuid.uuid4())
+
+    started = time.monotonic()
+    refused = post(down, delivery_id=delivery_id)
+    waited = time.monotonic() - started
+    nothing = queued(broker)
+    redelivered = post(client, delivery_id=delivery_id)
+
+    assert refused.status_code == 503
+    assert refused.json["reason"] == "inbox_unavailable"
+    assert waited < 8
+    assert nothing == []
+    # The claim was let go: GitHub's redelivery, with the database back, is taken.
+    assert redelivered.status_code == 202
+    assert len(queued(broker)) == 1
+
+
+def test_queue_failure_leaves_no_row_in_the_inbox(client, broker, database_url):
+    down = gateway(CELERY_BROKER_URL="redis://127.0.0.1:1/0")
+    delivery_id = str(uuid.uuid4())
+
+    assert post(down, delivery_id=delivery_id).status_code == 503
+    assert inbox.stored(database_url, delivery_id) is None
+
+
+def test_an_id_the_inbox_knows_stays_a_duplicate_after_redis_forgets_it(
+    client, broker, redis_client
+) -> None:
+    delivery_id = str(uuid.uuid4())
+    first = post(client, delivery_id=delivery_id)
+    for key in redis_client.scan_iter(f"{PREFIX}*"):
+        if not key.startswith(f"{PREFIX}installation-token:".encode()):
+            redis_client.delete(key)
+    again = post(client, delivery_id=delivery_id)
+
+    assert (first.status_code, again.status_code) == (202, 200)
+    assert again.json["status"] == "duplicate"
     assert len(queued(broker)) == 1
 
 

@@ -1,0 +1,97 @@
+"""The inbox on real PostgreSQL: what the sweep finds, requeues, gives up, drops."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from hookline import inbox
+from hookline.db import engine_for, session_scope
+from hookline.models import Delivery, utcnow
+from tests.conftest import Stack, fixture_bytes
+from tests.test_pipeline import verdict_of
+from workers.celery_app import SWEEP_INBOX_TASK, create_celery
+
+
+def received(database_url: str, body: str | None = "{}", age: float = 0) -> str:
+    """Store a delivery as the gateway does, `age` seconds old; return its id."""
+    delivery_id = str(uuid.uuid4())
+    store = inbox.Inbox(engine_for(database_url))
+    assert store.store(delivery_id, "issue_comment", body or "{}", {"X-A": "1"})
+    with session_scope(database_url) as session:
+        session.execute(
+            update(Delivery)
+            .where(Delivery.delivery_id == delivery_id)
+            .values(
+                created_at=utcnow() - timedelta(seconds=age),
+                body=body,
+            )
+        )
+    return delivery_id
+
+
+def verdict(database_url: str, delivery_id: str) -> tuple[str, str]:
+    with session_scope(database_url) as session:
+        row = session.scalars(
+            select(Delivery).where(Delivery.delivery_id == delivery_id)
+        ).one()
+        return row.verdict, row.reason
+
+
+def test_storing_an_id_twice_is_refused_the_second_time(database_url: str) -> None:
+    store = inbox.Inbox(engine_for(database_url))
+    delivery_id = str(uuid.uuid4())
+
+    assert store.store(delivery_id, "issues", "{}", {}) is True
+    assert store.store(delivery_id, "issues", '{"other": 1}', {}) is False
+    assert inbox.stored(database_url, delivery_id).body == "{}"
+
+
+def test_only_deliveries_left_unclassified_long_enough_are_found(
+    database_url: str,
+) -> None:
+    old = received(database_url, age=600)
+    fresh = received(database_url, age=0)
+
+    found = {d.delivery_id for d in inbox.unclassified(database_url, 120, 10_000)}
+
+    assert old in found
+    assert fresh not in found
+
+
+def test_bodies_past_retention_are_dropped_and_their_rows_kept(
+    database_url: str,
+) -> None:
+    old = received(database_url, body='{"a": 1}', age=3600)
+    young = received(database_url, body='{"b": 2}', age=10)
+
+    inbox.drop_old_bodies(database_url, retention=60, limit=10_000)
+
+    assert inbox.stored(database_url, old).body is None
+    assert inbox.stored(database_url, young).body == '{"b": 2}'
+
+
+def test_a_lost_task_is_classified_after_the_sweep(running: Stack) -> None:
+    url = running.settings.DATABASE_URL
+    payload = json.loads(fixture_bytes("issue_comment.created.json"))
+    payload["issue"]["number"] = 4242
+    lost = received(url, body=json.dumps(payload), age=600)
+    gone = received(url, body=None, age=600)
+
+    create_celery(running.settings).send_task(SWEEP_INBOX_TASK)
+
+    assert verdict_of(running, lost).verdict == "job"
+    assert running.fake.wait_for(
+        lambda fake: any(
+            "test agent finished octo-user/Hello-World#4242" in c["body"]
+            for c in fake.comments()
+        ),
+        timeout=30,
+    )
+    assert verdict(url, gone) == (
+        "failed",
+        "its task was lost and its body is past retention",
+    )

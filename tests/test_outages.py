@@ -1,0 +1,155 @@
+"""Services that go away under load: no accepted delivery is lost, none done twice.
+
+These tests start servers of their own on loopback (a redis-server that is
+killed and restarted empty), so that nothing else on the machine is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import select
+
+from hookline.db import session_scope
+from hookline.devtools import free_port, send_delivery
+from hookline.fake_github import FakeGitHub
+from hookline.models import Delivery
+from tests.conftest import SECRET, Stack, fixture_bytes, launched, wait_until
+from workers.celery_app import SWEEP_INBOX_TASK, create_celery
+
+POOLS = {"classify": "classify", "rest": "conversations,agent,callbacks"}
+
+
+class OwnRedis:
+    """A redis-server of the test's own that keeps nothing on disk."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                *("redis-server", "--port", str(self.port), "--bind", "127.0.0.1"),
+                *("--save", "", "--appendonly", "no", "--dir", str(self.directory)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url)
+        wait_until(lambda: _answers(client), 10, "redis-server starting")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    server = OwnRedis(tmp_path)
+    server.start()
+    yield server
+    if server.process is not None and server.process.poll() is None:
+        server.kill()
+
+
+def comment_on(number: int) -> bytes:
+    payload = json.loads(fixture_bytes("issue_comment.created.json"))
+    payload["issue"]["number"] = number
+    payload["comment"]["id"] = 8_000_000 + number
+    return json.dumps(payload).encode()
+
+
+def accept(stack: Stack, number: int) -> str:
+    """Send a comment on issue `number` until the gateway takes it, as GitHub's
+    redelivery would after a 503; return its delivery id."""
+    delivery_id = str(uuid.uuid4())
+    deadline = time.monotonic() + 30
+    while True:
+        response = send_delivery(
+            stack.gateway_url, SECRET, "issue_comment", comment_on(number), delivery_id
+        )
+        if response.status_code == 202:
+            return delivery_id
+        assert response.status_code == 503, response.text
+        assert time.monotonic() < deadline, "the gateway kept answering 503"
+        time.sleep(0.5)
+
+
+def test_redis_restarted_empty_under_load_loses_no_accepted_delivery(
+    environment: dict[str, str],
+    fake_github: FakeGitHub,
+    own_redis: OwnRedis,
+    tmp_path: Path,
+) -> None:
+    fake_github.reset()
+    env = {
+        **environment,
+        # One Redis for claims, tokens and the broker, as in a small deployment.
+        "REDIS_URL": own_redis.url,
+        "CELERY_BROKER_URL": own_redis.url,
+        "HOOKLINE_INBOX_REQUEUE_AFTER": "1",
+    }
+    numbers = list(range(6001, 6021))
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with launched(env, fake_github, logs, POOLS) as stack:
+        # The classifier is frozen, so the first deliveries wait in Redis.
+        os.killpg(stack.workers["classify"], signal.SIGSTOP)
+        try:
+            accepted = [accept(stack, number) for number in numbers[:10]]
+            own_redis.kill()
+            own_redis.start()
+            accepted += [accept(stack, number) for number in numbers[10:]]
+        finally:
+            os.killpg(stack.workers["classify"], signal.SIGCONT)
+        time.sleep(1.5)
+        create_celery(stack.settings).send_task(SWEEP_INBOX_TASK)
+
+        def all_answered() -> bool:
+            with session_scope(stack.settings.DATABASE_URL) as session:
+                verdicts = session.scalars(
+                    select(Delivery.verdict).where(Delivery.delivery_id.in_(accepted))
+                ).all()
+            done = sum(v == "job" for v in verdicts) == len(accepted)
+            posted = Counter(
+                c["number"]
+                for c in fake_github.comments()
+                if "test agent finished" in c["body"]
+            )
+            return done and set(posted) == set(numbers)
+
+        wait_until(all_answered, 120, "every accepted delivery answered")
+        time.sleep(2)
+        swept = [r for r in stack.log_records() if r["message"] == "inbox.swept"]
+
+    per_issue = Counter(c["number"] for c in fake_github.comments())
+    assert len(accepted) == 20
+    # Exactly one comment on each issue: nothing lost, nothing doubled.
+    assert per_issue == dict.fromkeys(numbers, 1)
+    # The first ten waited in Redis when it died (bar one the frozen worker may
+    # have popped already): the inbox brought them back.
+    assert sum(r["requeued"] for r in swept) >= 9
