@@ -4,6 +4,7 @@
     hookline deliveries [--limit N]      recent deliveries and what became of them
     hookline explain DELIVERY_ID         the whole trace of one delivery
     hookline conversations [--limit N]   recent conversations and their state
+    hookline replay DELIVERY_ID          classify a stored delivery again
     hookline stop CONVERSATION           stop an open conversation and say so
 
 Every command takes --json. Exit codes: 0 done, 1 not found or refused, 2 usage
@@ -26,11 +27,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from config.settings import ConfigError, Settings, load_settings
+from hookline import inbox
 from hookline.db import session_scope
 from hookline.devtools import send_delivery
 from hookline.models import Callback, Conversation, Delivery, GitHubCall, Turn
 from hookline.runtime import runtime_for
 from tasks.conversations import OPEN, queue_callback, stop_open
+from workers.celery_app import CLASSIFY_TASK, create_celery
 
 NOT_FOUND, USAGE, UNAVAILABLE = 1, 2, 3
 
@@ -206,6 +209,38 @@ def _first_line(text: str | None, limit: int = 100) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+def _replay(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    original = inbox.stored(settings.DATABASE_URL, args.delivery)
+    if original is None:
+        raise CommandError(f"no delivery {args.delivery} is in the inbox", NOT_FOUND)
+    if original.body is None:
+        raise CommandError(
+            f"delivery {args.delivery} is past HOOKLINE_INBOX_RETENTION: its body "
+            "is gone",
+            NOT_FOUND,
+        )
+    # A new id: everything Hookline does is keyed by delivery id, so the replay
+    # is classified afresh instead of being taken for the original.
+    copy_id = f"{args.delivery[:36]}-replay-{uuid.uuid4().hex[:8]}"
+    inbox.store_copy(settings.DATABASE_URL, original, copy_id)
+    try:
+        create_celery(settings, publisher=True).send_task(
+            CLASSIFY_TASK,
+            kwargs={
+                "delivery_id": copy_id,
+                "event": original.event,
+                "body": original.body,
+            },
+        )
+    except Exception as exc:
+        raise CommandError(
+            f"replay {copy_id} is stored but could not be queued "
+            f"({type(exc).__name__}); the inbox sweep queues it within minutes",
+            UNAVAILABLE,
+        ) from None
+    return {"delivery": copy_id, "replay_of": args.delivery, "event": original.event}
+
+
 def _stop(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     try:
         conversation_id = uuid.UUID(args.conversation)
@@ -317,6 +352,11 @@ def _parser() -> argparse.ArgumentParser:
     conversations = commands.add_parser("conversations", help="recent conversations")
     conversations.add_argument("--limit", type=int, default=20)
 
+    replay = commands.add_parser(
+        "replay", help="classify a stored delivery again, under a new id"
+    )
+    replay.add_argument("delivery")
+
     stop = commands.add_parser("stop", help="stop an open conversation and say so")
     stop.add_argument("conversation")
     stop.add_argument(
@@ -336,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             "explain": _explain,
             "conversations": _conversations,
             "stop": _stop,
+            "replay": _replay,
         }[args.command](args, settings)
     except CommandError as exc:
         print(f"hookline {args.command}: {exc}", file=sys.stderr)
@@ -357,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         _print_trace(result)
     elif args.command == "deliveries":
         _print_table(result, ["at", "delivery", "event", "action", "verdict", "reason"])
+    elif args.command == "replay":
+        print(f"replaying {result['replay_of']} as {result['delivery']}")
     elif args.command == "stop":
         print(f"stopped conversation {result['conversation']}; the notice is queued")
     elif args.command == "conversations":

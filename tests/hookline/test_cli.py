@@ -159,3 +159,32 @@ def test_stop_ends_an_open_conversation_once(running: Stack, environment) -> Non
     assert again.returncode == 1
     assert "is stopped: there is nothing to stop" in again.stderr
     assert garbled.returncode == 2
+
+
+def test_replay_classifies_a_stored_delivery_again_under_a_new_id(
+    running: Stack, environment
+) -> None:
+    # Refused at first (the author could only read), then fixed and replayed.
+    running.fake.set_permission("octo-user/Hello-World", "octo-user", "read")
+    delivery_id, _ = running.send("issue_comment.created.json", "issue_comment")
+    assert verdict_of(running, delivery_id).verdict == "ignored"
+    running.fake.set_permission("octo-user/Hello-World", "octo-user", "write")
+    broker = {
+        name: environment[name]
+        for name in ("CELERY_BROKER_URL", "CELERY_BROKER_KEYPREFIX", "REDIS_URL")
+    }
+
+    replayed = hookline(running, "--json", "replay", delivery_id, **broker)
+    unknown = hookline(running, "replay", "no-such-delivery", **broker)
+
+    assert replayed.returncode == 0, replayed.stderr
+    copy = json.loads(replayed.stdout)
+    assert copy["replay_of"] == delivery_id
+    assert copy["delivery"].startswith(f"{delivery_id}-replay-")
+    assert verdict_of(running, copy["delivery"]).verdict == "job"
+    callback_of(running, copy["delivery"])
+    (comment,) = running.fake.comments()
+    assert "test agent finished" in comment["body"]
+    assert verdict_of(running, delivery_id).verdict == "ignored"
+    assert unknown.returncode == 1
+    assert "no delivery no-such-delivery is in the inbox" in unknown.stderr
