@@ -97,8 +97,10 @@ def _conversation_row(conversation: Conversation) -> dict[str, Any]:
         "repository": conversation.repository,
         "number": conversation.number,
         "status": conversation.status,
+        "turns": conversation.turn,
         "error": conversation.error,
         "at": conversation.created_at.isoformat(timespec="seconds"),
+        "updated": conversation.updated_at.isoformat(timespec="seconds"),
     }
 
 
@@ -129,6 +131,11 @@ def _find_conversation(session: Session, delivery_id: str) -> Conversation | Non
 
 def _explain(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     with session_scope(settings.DATABASE_URL) as session:
+        # A conversation id (as an error notice gives it) stands for the
+        # delivery that started the conversation.
+        started = _conversation_by_id(session, args.delivery)
+        if started is not None:
+            args.delivery = started.delivery_id
         delivery = session.scalars(
             select(Delivery).where(Delivery.delivery_id == args.delivery)
         ).one_or_none()
@@ -140,8 +147,9 @@ def _explain(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
         ).all()
         if delivery is None and conversation is None:
             raise CommandError(
-                f"no delivery {args.delivery} is recorded: it was refused at the "
-                "gateway, is still queued, or never reached Hookline",
+                f"no delivery {args.delivery} is recorded: the gateway refused it "
+                "or answered it itself (a ping is answered so), or it never "
+                "reached Hookline",
                 NOT_FOUND,
             )
         trace: dict[str, Any] = {
@@ -202,6 +210,14 @@ def _explain(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
             for call in calls
         ]
         return trace
+
+
+def _conversation_by_id(session: Session, text: str) -> Conversation | None:
+    try:
+        conversation_id = uuid.UUID(text)
+    except ValueError:
+        return None
+    return session.get(Conversation, conversation_id)
 
 
 def _first_line(text: str | None, limit: int = 100) -> str:
@@ -330,34 +346,66 @@ def _print_trace(trace: dict[str, Any]) -> None:
         )
 
 
+def _database_trouble(exc: SQLAlchemyError) -> str:
+    text = str(exc)
+    if "no such table" in text or "does not exist" in text:
+        return (
+            "the database has no Hookline tables yet: run `alembic upgrade head` "
+            "(`make run` and the Procfile's release step do)"
+        )
+    return f"the database did not answer ({type(exc).__name__}); is DATABASE_URL right?"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hookline", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
+    # Also after the command (`hookline deliveries --json`), without undoing
+    # a --json given before it.
+    either = argparse.ArgumentParser(add_help=False)
+    either.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help="print JSON"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    send = commands.add_parser("send", help="sign a payload file and post it")
+    send = commands.add_parser(
+        "send", parents=[either], help="sign a payload file and post it"
+    )
     send.add_argument("file")
     send.add_argument("--event", required=True, help="the X-GitHub-Event to send")
     send.add_argument("--delivery", help="the X-GitHub-Delivery (default: new)")
-    send.add_argument("--url", default="http://127.0.0.1:5000", help="the gateway")
+    send.add_argument(
+        "--url",
+        default="http://127.0.0.1:5000",
+        help="the gateway (default: %(default)s)",
+    )
 
-    deliveries = commands.add_parser("deliveries", help="recent deliveries")
+    deliveries = commands.add_parser(
+        "deliveries", parents=[either], help="recent deliveries"
+    )
     deliveries.add_argument("--limit", type=int, default=20)
 
-    explain = commands.add_parser("explain", help="the trace of one delivery")
+    explain = commands.add_parser(
+        "explain", parents=[either], help="the trace of one delivery"
+    )
     explain.add_argument("delivery")
 
-    conversations = commands.add_parser("conversations", help="recent conversations")
+    conversations = commands.add_parser(
+        "conversations", parents=[either], help="recent conversations"
+    )
     conversations.add_argument("--limit", type=int, default=20)
 
     replay = commands.add_parser(
-        "replay", help="classify a stored delivery again, under a new id"
+        "replay",
+        parents=[either],
+        help="classify a stored delivery again, under a new id",
     )
     replay.add_argument("delivery")
 
-    stop = commands.add_parser("stop", help="stop an open conversation and say so")
+    stop = commands.add_parser(
+        "stop", parents=[either], help="stop an open conversation and say so"
+    )
     stop.add_argument("conversation")
     stop.add_argument(
         "--reason", default="no reason given", help="recorded with the stop"
@@ -385,11 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hookline {args.command}: {exc}", file=sys.stderr)
         return USAGE
     except SQLAlchemyError as exc:
-        print(
-            f"hookline {args.command}: the database did not answer "
-            f"({type(exc).__name__}); is DATABASE_URL right?",
-            file=sys.stderr,
-        )
+        print(f"hookline {args.command}: {_database_trouble(exc)}", file=sys.stderr)
         return UNAVAILABLE
 
     if args.json:
@@ -404,7 +448,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped conversation {result['conversation']}; the notice is queued")
     elif args.command == "conversations":
         _print_table(
-            result, ["at", "conversation", "kind", "repository", "number", "status"]
+            result,
+            [
+                "updated",
+                "conversation",
+                "delivery",
+                "repository",
+                "number",
+                "turns",
+                "status",
+            ],
         )
     else:
         print(f"HTTP {result['status']}: {json.dumps(result['answer'])}")

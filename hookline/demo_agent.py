@@ -30,7 +30,11 @@ def main() -> None:
     transcript = sys.stdin.read()
     turn = os.environ.get("HOOKLINE_TURN", "1")
     if os.environ.get("HOOKLINE_PURPOSE") == "summary":
-        print(f"So far: I read the request and {int(turn) - 1} follow-up(s).")
+        follow_ups = int(turn) - 1
+        said = f"{follow_ups} follow-up" + ("" if follow_ups == 1 else "s")
+        print(
+            f"So far: I read the request and {said if follow_ups else 'no follow-ups'}."
+        )
         return
     request = _request(transcript)
     if "fail on purpose" in request.lower():

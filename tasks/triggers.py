@@ -182,6 +182,14 @@ def repository_name(payload: dict) -> str:
     return name
 
 
+def _author_name(payload: dict, comment: dict) -> str:
+    for user in (comment.get("user"), payload.get("sender")):
+        login = user.get("login") if isinstance(user, dict) else None
+        if isinstance(login, str) and _LOGIN.fullmatch(login):
+            return login
+    return "unknown"
+
+
 def _written_by_bot(payload: dict, comment: dict) -> bool:
     sender = payload.get("sender") if isinstance(payload.get("sender"), dict) else {}
     author = comment.get("user") if isinstance(comment.get("user"), dict) else {}
@@ -212,11 +220,11 @@ def _classify(event: str, payload: dict, label: str, handle: str) -> Decision:
     if event == "issues":
         if action != "labeled":
             return Decision(f"{action} issues do not trigger")
-        if (
-            text_field(object_field(payload, "label"), "name").casefold()
-            != label.casefold()
-        ):
-            return Decision("label is not the trigger label")
+        applied = text_field(object_field(payload, "label"), "name")
+        if applied.casefold() != label.casefold():
+            return Decision(
+                f"label {applied[:50]!r} is not the trigger label {label!r}"
+            )
         return _issue_trigger(payload, repository, installation_id)
 
     if action != "created":
@@ -225,7 +233,7 @@ def _classify(event: str, payload: dict, label: str, handle: str) -> Decision:
         )
     comment = object_field(payload, "comment")
     if _written_by_bot(payload, comment):
-        return Decision("comment written by a bot")
+        return Decision(f"comment written by a bot ({_author_name(payload, comment)})")
     body = text_field(comment, "body")
     if not mentions(body, handle):
         if handle.casefold() in body.casefold():

@@ -74,6 +74,12 @@ def test_send_then_explain_traces_the_delivery_to_its_comment(running: Stack) ->
     assert "queued -> running: agent run of turn 1 started" in explained.stdout
     assert [t["turn"] for t in as_json["turns"]] == [1]
     assert as_json["turns"][0]["this_delivery"] is True
+    # The conversation id an error notice gives leads to the same trace, and
+    # --json is taken after the command too.
+    by_conversation = hookline(
+        running, "explain", as_json["conversation"]["conversation"], "--json"
+    )
+    assert json.loads(by_conversation.stdout) == as_json
 
 
 def test_explain_says_why_a_delivery_was_ignored(running: Stack) -> None:
@@ -128,6 +134,15 @@ def test_services_that_do_not_answer_give_exit_3_and_a_sentence(
     assert no_database.returncode == 3
     assert "the database did not answer" in no_database.stderr
     assert "Traceback" not in no_database.stderr + unsent.stderr
+
+
+def test_a_database_without_tables_says_to_migrate(running: Stack, tmp_path) -> None:
+    empty = hookline(
+        running, "deliveries", DATABASE_URL=f"sqlite:///{tmp_path / 'empty.sqlite3'}"
+    )
+
+    assert empty.returncode == 3
+    assert "has no Hookline tables yet: run `alembic upgrade head`" in empty.stderr
 
 
 def test_stop_ends_an_open_conversation_once(running: Stack, environment) -> None:

@@ -256,7 +256,7 @@ def test_labeled_issue_with_another_label_is_ignored() -> None:
     )
 
     assert decision.trigger is None
-    assert decision.reason == "label is not the trigger label"
+    assert decision.reason == "label 'bug' is not the trigger label 'openhands'"
 
 
 def test_delivery_without_installation_is_ignored_with_reason() -> None:
@@ -296,3 +296,15 @@ def test_custom_handle_triggers_and_default_handle_does_not() -> None:
 
     assert classify("issue_comment", payload, LABEL, "@hookline-bot").trigger
     assert classify("issue_comment", payload, LABEL, HANDLE).trigger is None
+
+
+def test_a_bots_comment_is_ignored_naming_the_bot() -> None:
+    decision = classify(
+        "issue_comment",
+        delivery("issue_comment.created.bot-author.json"),
+        LABEL,
+        HANDLE,
+    )
+
+    assert decision.trigger is None
+    assert decision.reason == "comment written by a bot (openhands[bot])"
