@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 from collections.abc import Mapping
@@ -39,6 +40,8 @@ class Settings:
     """Every knob Hookline reads, named as the environment variable that sets it."""
 
     GITHUB_APP_WEBHOOK_SECRET: str = ""
+    # The secret being rotated out: deliveries signed with it are still taken.
+    GITHUB_APP_WEBHOOK_SECRET_PREVIOUS: str = ""
     GITHUB_WEBHOOKS_ENABLED: bool = True
     GITHUB_APP_ID: str = ""
     GITHUB_APP_PRIVATE_KEY_PATH: str = ""
@@ -79,6 +82,13 @@ class Settings:
     HOOKLINE_STATUS_WEBHOOK_BATCH_SIZE: int = 50
     HOOKLINE_STATUS_WEBHOOK_BATCH_DELAY: float = 5.0
     HOOKLINE_STATUS_WEBHOOK_ATTEMPTS: int = 4
+    # The gateway's doors: source networks let in (empty: any), proxies in front
+    # whose X-Forwarded-For is believed, and requests per minute per source and
+    # per installation (0: no limit).
+    HOOKLINE_ALLOWED_SOURCES: str = ""
+    HOOKLINE_TRUSTED_PROXIES: int = 0
+    HOOKLINE_SOURCE_RATE_LIMIT: int = 0
+    HOOKLINE_INSTALLATION_RATE_LIMIT: int = 0
     LOG_LEVEL: str = "INFO"
     LOG_FORMAT: str = "auto"
     # Prometheus: a bearer token for /metrics (empty: open), and a pool's own port.
@@ -106,6 +116,27 @@ class Settings:
                 "GitHub's signatures without the App's webhook secret."
             )
         return self.GITHUB_APP_WEBHOOK_SECRET.encode()
+
+    def webhook_secrets(self) -> tuple[bytes, ...]:
+        """Return the webhook secrets a signature may use: current, then previous."""
+        current = self.require_webhook_secret()
+        previous = self.GITHUB_APP_WEBHOOK_SECRET_PREVIOUS.encode()
+        return (current, previous) if previous else (current,)
+
+    def allowed_sources(
+        self,
+    ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """Return the networks deliveries may come from; empty means any."""
+        networks = []
+        for text in self.HOOKLINE_ALLOWED_SOURCES.replace(",", " ").split():
+            try:
+                networks.append(ipaddress.ip_network(text, strict=False))
+            except ValueError:
+                raise ConfigError(
+                    f"HOOKLINE_ALLOWED_SOURCES: {text!r} is not a network such as "
+                    "140.82.112.0/20."
+                ) from None
+        return tuple(networks)
 
     def require_app_credentials(self) -> tuple[str, str]:
         """Return the App id and private key PEM, or say which variable is missing."""

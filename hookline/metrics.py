@@ -94,7 +94,10 @@ REJECTION_REASONS = (
     "unsupported_content_type",
     "malformed_payload",
     "dedup_unavailable",
+    "inbox_unavailable",
     "queue_unavailable",
+    "source_not_allowed",
+    "rate_limited",
 )
 _rejected = {reason: DELIVERIES_REJECTED.labels(reason) for reason in REJECTION_REASONS}
 

@@ -7,6 +7,7 @@ the rest.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -20,12 +21,13 @@ from celery import Celery
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config.logging import bound_delivery
 from config.settings import Settings, load_settings
 from hookline import metrics
 from hookline.inbox import KEPT_HEADERS, Inbox, gateway_engine
-from webhook_gateway.dedup import Deduplicator, DeliveryClaim, body_digest
+from webhook_gateway.dedup import Deduplicator, DeliveryClaim, RateLimiter, body_digest
 from webhook_gateway.health import bp as health_bp
 from webhook_gateway.signature import is_valid_signature
 from workers.celery_app import CLASSIFY_TASK, RedisTaskMessages, create_celery
@@ -36,6 +38,9 @@ EVENTS_PATH = "/integration/github/events"
 METRICS_PATH = "/metrics"
 _EVENT_NAME = re.compile(r"[a-z_]{1,64}")
 _DELIVERY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,71}")
+# GitHub writes the installation as {"id": N, ...}; searched, not parsed, only
+# when installations are rate limited (a signed body, so the key is GitHub's).
+_INSTALLATION = re.compile(r'"installation":\s*\{\s*"id":\s*(\d{1,19})')
 
 bp = Blueprint("github_events", __name__)
 _READ_CHUNK = 1 << 20
@@ -46,14 +51,17 @@ class Gateway:
     """What one gateway process holds for its whole life: connections and settings."""
 
     settings: Settings
-    secret: bytes
+    secrets: tuple[bytes, ...]
     deduplicator: Deduplicator
+    limiter: RateLimiter
     inbox: Inbox
     celery: Celery
     # Set when the broker is the claims' Redis: the task is pushed there directly.
     messages: RedisTaskMessages | None = None
     # Every gunicorn worker's metrics and the queue depths, built once per process.
     metrics_registry: CollectorRegistry | None = None
+    # The networks deliveries may come from; empty: any.
+    sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 def _gateway() -> Gateway:
@@ -149,13 +157,17 @@ def _receive(gateway: Gateway, delivery_id: str) -> tuple[Response, int]:
             "nothing was queued.",
         )
 
+    refusal = _refuse_source(gateway)
+    if refusal is not None:
+        return refusal
+
     limit = gateway.settings.HOOKLINE_MAX_BODY_BYTES
     raw = _read_body(limit)
     if raw is None:
         return _refuse(413, "body_too_large", f"Bodies over {limit} bytes are refused.")
 
     signature = request.headers.get("X-Hub-Signature-256")
-    if not is_valid_signature(gateway.secret, raw, signature):
+    if not is_valid_signature(gateway.secrets, raw, signature):
         return _refuse(
             403,
             "bad_signature",
@@ -183,6 +195,12 @@ def _receive(gateway: Gateway, delivery_id: str) -> tuple[Response, int]:
     # From here on the text is the delivery: a 25 MB body is not held twice.
     digest = body_digest(raw)
     del raw
+    per_installation = gateway.settings.HOOKLINE_INSTALLATION_RATE_LIMIT
+    installation = _INSTALLATION.search(text) if per_installation else None
+    if installation is not None:
+        refusal = _limit(gateway, "installation", installation[1], per_installation)
+        if refusal is not None:
+            return refusal
 
     if event == "ping":
         log.info("delivery.ping")
@@ -228,6 +246,39 @@ def _receive(gateway: Gateway, delivery_id: str) -> tuple[Response, int]:
     log.info("delivery.accepted", extra={"event": event})
     metrics.DELIVERIES_ACCEPTED.inc()
     return jsonify(status="queued", delivery=delivery_id), 202
+
+
+def _refuse_source(gateway: Gateway) -> tuple[Response, int] | None:
+    """Refuse a source outside the allow-list, or over its rate, before reading."""
+    source = request.remote_addr or ""
+    if gateway.sources:
+        try:
+            address = ipaddress.ip_address(source)
+        except ValueError:
+            address = None
+        if address is None or not any(address in net for net in gateway.sources):
+            return _refuse(
+                403, "source_not_allowed", "This address may not send deliveries."
+            )
+    per_source = gateway.settings.HOOKLINE_SOURCE_RATE_LIMIT
+    return _limit(gateway, "source", source, per_source) if per_source else None
+
+
+def _limit(
+    gateway: Gateway, kind: str, key: str, per_minute: int
+) -> tuple[Response, int] | None:
+    try:
+        wait = gateway.limiter.over(kind, key, per_minute)
+    except redis.RedisError:
+        # Without the count, let it through: the claim just after needs Redis too.
+        return None
+    if wait is None:
+        return None
+    response, status = _refuse(
+        429, "rate_limited", f"Over {per_minute} deliveries a minute for this {kind}."
+    )
+    response.headers["Retry-After"] = str(max(1, round(wait)))
+    return response, status
 
 
 def _duplicate(delivery_id: str) -> tuple[Response, int]:
@@ -280,9 +331,13 @@ def serve_metrics() -> Response | tuple[Response, int]:
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the gateway; refuse to start without a webhook secret."""
     settings = settings or load_settings()
-    secret = settings.require_webhook_secret()
+    secrets = settings.webhook_secrets()
 
     celery = create_celery(settings, publisher=True)
+    claims = redis.Redis.from_url(
+        settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2
+    )
+    prefix = settings.HOOKLINE_REDIS_PREFIX
     queue_depths = metrics.queue_depths(
         settings, [queue.name for queue in celery.conf.task_queues]
     )
@@ -291,15 +346,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.HOOKLINE_MAX_BODY_BYTES + 1
     app.extensions["hookline"] = Gateway(
         settings=settings,
-        secret=secret,
+        secrets=secrets,
         deduplicator=Deduplicator(
-            redis.Redis.from_url(
-                settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2
-            ),
-            settings.HOOKLINE_DELIVERY_TTL,
-            settings.HOOKLINE_BODY_TTL,
-            settings.HOOKLINE_REDIS_PREFIX,
+            claims, settings.HOOKLINE_DELIVERY_TTL, settings.HOOKLINE_BODY_TTL, prefix
         ),
+        limiter=RateLimiter(claims, prefix),
+        sources=settings.allowed_sources(),
         # A connection for each gunicorn thread of this worker (config/gunicorn.py).
         inbox=Inbox(
             gateway_engine(
@@ -317,6 +369,12 @@ def create_app(settings: Settings | None = None) -> Flask:
             *([queue_depths] if queue_depths is not None else [])
         ),
     )
+    if settings.HOOKLINE_TRUSTED_PROXIES:
+        # Behind N proxies the client's address is the Nth from the right in
+        # X-Forwarded-For; without this, every request seems to come from a proxy.
+        app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
+            app.wsgi_app, x_for=settings.HOOKLINE_TRUSTED_PROXIES
+        )
     app.register_blueprint(bp)
     app.register_blueprint(health_bp, settings=settings)
 

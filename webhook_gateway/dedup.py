@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 
 import redis
 
@@ -85,3 +86,26 @@ class Deduplicator:
         """Push a task message onto a list of this Redis (it is the broker)."""
         # redis-py sends a memoryview as it is; a bytearray it refuses.
         self._client.lpush(queue_key, memoryview(message))
+
+
+class RateLimiter:
+    """Requests per minute per key (a source address, an installation), in Redis.
+
+    A fixed one-minute window: one INCR and EXPIRE in one round trip.
+    """
+
+    def __init__(self, client: redis.Redis, prefix: str = "hookline:") -> None:
+        self._client = client
+        self._prefix = prefix
+
+    def over(self, kind: str, key: str, per_minute: int) -> float | None:
+        """Count one request; return seconds until the window ends if over."""
+        now = time.time()
+        window = f"{self._prefix}rate:{kind}:{key}:{int(now // 60)}"
+        pipe = self._client.pipeline(transaction=False)
+        pipe.incr(window)
+        pipe.expire(window, 120)
+        count, _ = pipe.execute()
+        if count > per_minute:
+            return 60 - now % 60
+        return None

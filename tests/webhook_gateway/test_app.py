@@ -7,6 +7,7 @@ count exactly the messages a request queued.
 from __future__ import annotations
 
 import io
+import json
 import socket
 import time
 import uuid
@@ -38,8 +39,10 @@ def post(
     signature: str | None = None,
     content_type: str = "application/json",
     secret: str = SECRET,
+    extra: dict[str, str] | None = None,
 ):
     headers = {
+        **(extra or {}),
         "Content-Type": content_type,
         "X-GitHub-Delivery": delivery_id or str(uuid.uuid4()),
         "X-Hub-Signature-256": signature or sign(secret.encode(), body),
@@ -375,3 +378,78 @@ def test_hung_broker_answers_503_in_time_and_releases_the_claim(client, broker):
     assert waited < 8
     assert redelivered.status_code == 202
     assert len(queued(broker)) == 1
+
+
+def fresh() -> bytes:
+    """Return the recorded body made unique, so that no body hash repeats."""
+    payload = json.loads(BODY)
+    payload["hookline_test"] = str(uuid.uuid4())
+    return json.dumps(payload).encode()
+
+
+def test_the_previous_secret_still_verifies_while_it_is_rotated(client, broker):
+    rotating = gateway(
+        GITHUB_APP_WEBHOOK_SECRET="the-new-secret",
+        GITHUB_APP_WEBHOOK_SECRET_PREVIOUS=SECRET,
+    )
+
+    old = post(rotating, fresh())
+    new = post(rotating, fresh(), secret="the-new-secret")
+    stranger = post(rotating, fresh(), secret="not-either")
+
+    assert (old.status_code, new.status_code, stranger.status_code) == (202, 202, 403)
+    assert len(queued(broker)) == 2
+
+
+def test_a_source_outside_the_allow_list_is_refused(client, broker) -> None:
+    closed = gateway(HOOKLINE_ALLOWED_SOURCES="140.82.112.0/20")
+    opened = gateway(HOOKLINE_ALLOWED_SOURCES="140.82.112.0/20, 127.0.0.0/8")
+
+    refused = post(closed)
+    taken = post(opened)
+
+    assert refused.status_code == 403
+    assert refused.json["reason"] == "source_not_allowed"
+    assert taken.status_code == 202
+    assert len(queued(broker)) == 1
+
+
+def test_behind_a_trusted_proxy_the_forwarded_address_is_checked(client, broker):
+    proxied = gateway(
+        HOOKLINE_ALLOWED_SOURCES="140.82.112.0/20", HOOKLINE_TRUSTED_PROXIES=1
+    )
+
+    github = post(proxied, extra={"X-Forwarded-For": "140.82.115.9"})
+    other = post(proxied, extra={"X-Forwarded-For": "10.1.2.3"})
+
+    assert (github.status_code, other.status_code) == (202, 403)
+
+
+def test_a_source_over_its_rate_gets_429_with_retry_after(client, broker) -> None:
+    limited = gateway(HOOKLINE_SOURCE_RATE_LIMIT=3)
+
+    answers = [post(limited, fresh()) for _ in range(5)]
+
+    assert [a.status_code for a in answers] == [202, 202, 202, 429, 429]
+    assert answers[3].json["reason"] == "rate_limited"
+    assert 1 <= int(answers[3].headers["Retry-After"]) <= 60
+    assert len(queued(broker)) == 3
+
+
+def test_an_installation_over_its_rate_gets_429(client, broker) -> None:
+    limited = gateway(HOOKLINE_INSTALLATION_RATE_LIMIT=2)
+    installation = 700_000 + uuid.uuid4().int % 100_000
+
+    def body(number: int) -> bytes:
+        payload = json.loads(BODY)
+        payload["installation"]["id"] = installation
+        payload["comment"]["id"] = number
+        return json.dumps(payload).encode()
+
+    answers = [post(limited, body(n)).status_code for n in range(3)]
+    other = json.loads(BODY)
+    other["installation"]["id"] = installation + 1
+    elsewhere = post(limited, json.dumps(other).encode()).status_code
+
+    assert answers == [202, 202, 429]
+    assert elsewhere == 202
