@@ -98,6 +98,15 @@ def database_url() -> Iterator[str]:
     admin.close()
 
 
+# Where in-process gateways (tests/webhook_gateway/conftest.py) keep their inbox.
+INBOX: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _inbox_database(database_url: str) -> None:
+    INBOX["url"] = database_url
+
+
 @pytest.fixture(scope="session")
 def redis_client() -> redis.Redis:
     """Return the Redis database that holds dedup keys and tokens."""

@@ -81,7 +81,9 @@ class Gateway:
 
 
 @pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, database_url: str
+) -> Iterator[Gateway]:
     """Run gunicorn with two workers, each recycled after five requests."""
     prefix = f"hookline-metrics-{uuid.uuid4().hex[:8]}:"
     directory = tmp_path_factory.mktemp("web-metrics")
@@ -96,6 +98,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         "HOOKLINE_REDIS_PREFIX": prefix,
         "HOOKLINE_MAX_BODY_BYTES": "65536",
         "HOOKLINE_METRICS_TOKEN": TOKEN,
+        # The inbox: an accepted delivery is stored before it is queued.
+        "DATABASE_URL": database_url,
         "PROMETHEUS_MULTIPROC_DIR": str(directory),
         "WEB_CONCURRENCY": "2",
         "WEB_HOST": "127.0.0.1",
@@ -210,7 +214,10 @@ def test_gateway_metrics_add_up_every_gunicorn_worker(gateway: Gateway) -> None:
             "unsupported_content_type": 1,
             "malformed_payload": 1,
             "dedup_unavailable": 0,
+            "inbox_unavailable": 0,
             "queue_unavailable": 0,
+            "source_not_allowed": 0,
+            "rate_limited": 0,
         }
         latency = "hookline_gateway_request_duration_seconds"
         assert value(families, f"{latency}_count") == 14

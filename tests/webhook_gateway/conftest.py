@@ -15,18 +15,13 @@ import redis
 from flask.testing import FlaskClient
 
 from config.settings import load_settings
-from tests.conftest import PREFIX, REDIS_URL, SECRET
+from tests.conftest import INBOX, PREFIX, REDIS_URL, SECRET
 from webhook_gateway.app import create_app
 
 QUIET_BROKER_URL = "redis://127.0.0.1:6379/12"
 QUEUE = f"{PREFIX}classify"
-# The session's migrated database, for the inbox (set by the fixture below).
-_inbox: dict[str, str] = {}
-
-
-@pytest.fixture(autouse=True)
-def _inbox_database(database_url: str) -> None:
-    _inbox["url"] = database_url
+# The session's migrated database, for the inbox (set by tests/conftest.py).
+_inbox = INBOX
 
 
 def gateway(**overrides: object) -> FlaskClient:
