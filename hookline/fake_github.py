@@ -364,6 +364,19 @@ class FakeGitHub(LoopbackServer):
             self._issues[key] = _Issue(title, body, pull_request, head_ref)
             self._issue_comments[key] = seeded
 
+    def add_comment(
+        self, repository: str, number: int, body: str, login: str = "mallory"
+    ) -> dict:
+        """Append a comment by a person (not the App) to an issue's thread."""
+        key = (repository.lower(), number)
+        with self._lock:
+            comment = self._seeded_comment({"body": body, "login": login})
+            comment["url"] = (
+                f"{self.url}/repos/{repository}/issues/comments/{comment['id']}"
+            )
+            self._issue_comments.setdefault(key, []).append(comment)
+            return dict(comment)
+
     def wait_for(
         self, predicate: Callable[[FakeGitHub], bool], timeout: float = 30.0
     ) -> bool:
@@ -381,6 +394,10 @@ class FakeGitHub(LoopbackServer):
     def _next_id(self) -> int:
         return next(self._ids)
 
+    def _app_summary(self) -> dict:
+        """Return the `performed_via_github_app` GitHub adds to an App's comments."""
+        return {"id": int(self.app_id), "slug": "hookline", "name": "Hookline"}
+
     def _seeded_comment(self, comment: dict) -> dict:
         seeded = dict(comment)
         login = seeded.pop("login", ISSUE_AUTHOR["login"])
@@ -388,6 +405,7 @@ class FakeGitHub(LoopbackServer):
         seeded.setdefault("body", "")
         seeded.setdefault("user", {"login": login, "type": "User"})
         seeded.setdefault("created_at", _timestamp(_utcnow()))
+        seeded.setdefault("updated_at", seeded["created_at"])
         return seeded
 
     def _take_failure(self, method: str, path: str) -> _Failure | None:
@@ -847,6 +865,7 @@ class FakeGitHub(LoopbackServer):
                 "issue_url": self._api_url(f"/repos/{repository}/issues/{number}"),
                 "body": text,
                 "user": dict(BOT_USER),
+                "performed_via_github_app": self._app_summary(),
                 "author_association": "NONE",
                 "created_at": now,
                 "updated_at": now,
@@ -894,6 +913,7 @@ class FakeGitHub(LoopbackServer):
                     "ref": head_ref,
                     "sha": _sha_for(repository.lower(), number, head_ref),
                     "label": f"{owner}:{head_ref}",
+                    "repo": {"full_name": repository},
                 },
                 "base": {
                     "ref": "main",
@@ -926,6 +946,7 @@ class FakeGitHub(LoopbackServer):
                 "in_reply_to_id": comment_id,
                 "body": text,
                 "user": dict(BOT_USER),
+                "performed_via_github_app": self._app_summary(),
                 "author_association": "NONE",
                 "created_at": now,
                 "updated_at": now,

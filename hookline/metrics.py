@@ -363,7 +363,12 @@ def scrape_registry(*collectors: Collector) -> CollectorRegistry:
 
 def exposition(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
     """Return the registry in the format the scraper accepts, and its content type."""
-    encoder, content_type = choose_encoder(accept or "")
+    try:
+        encoder, content_type = choose_encoder(accept or "")
+    except (TypeError, ValueError):
+        # prometheus_client chokes on some malformed Accept headers (a version
+        # that is not a number): the plain text format serves everyone.
+        encoder, content_type = choose_encoder("")
     return encoder(registry), content_type
 
 

@@ -102,6 +102,8 @@ class Conversation(Base):
     reaction_path: Mapped[str] = mapped_column(Text)
     reply_path: Mapped[str] = mapped_column(Text)
     branch: Mapped[str | None] = mapped_column(String(255))
+    # The repository the branch is in: a fork's, for a pull request from a fork.
+    head_repository: Mapped[str | None] = mapped_column(String(200))
     file_path: Mapped[str | None] = mapped_column(Text)
     line: Mapped[int | None] = mapped_column(Integer)
     instructions: Mapped[str] = mapped_column(Text)
@@ -222,6 +224,8 @@ class StatusEvent(Base):
 
     class State(enum.StrEnum):
         PENDING = "pending"
+        # Claimed by a flush that is POSTing it; the claim lapses at claimed_until.
+        SENDING = "sending"
         SENT = "sent"
         FAILED = "failed"
 
@@ -230,14 +234,14 @@ class StatusEvent(Base):
         UniqueConstraint(
             "event_id", "target_url", name="uq_status_events_event_target"
         ),
-        # What the flush claims: a target's pending rows, oldest first. Sent rows,
-        # the bulk of the table, stay out of the index.
+        # What the flush claims: a target's unsent rows, oldest first. Sent and
+        # failed rows, the bulk of the table, stay out of the index.
         Index(
-            "ix_status_events_pending",
+            "ix_status_events_unsent",
             "target_url",
             "id",
-            postgresql_where=text("status = 'pending'"),
-            sqlite_where=text("status = 'pending'"),
+            postgresql_where=text("status IN ('pending', 'sending')"),
+            sqlite_where=text("status IN ('pending', 'sending')"),
         ),
     )
 
@@ -251,10 +255,21 @@ class StatusEvent(Base):
     target_url: Mapped[str] = mapped_column(Text)
     payload: Mapped[dict] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default=State.PENDING)
+    # POSTs that carried it, over every flush.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Flushes that did not deliver it; past a bound it is given up.
+    failed_flushes: Mapped[int] = mapped_column(
+        Integer, default=0, server_default=text("0")
+    )
     last_error: Mapped[str | None] = mapped_column(Text)
-    # The batch (X-Hookline-Batch) that last carried it.
+    # The batch (X-Hookline-Batch) that carries it, fixed at its first claim so
+    # that every retry is the same batch.
     batch_id: Mapped[str | None] = mapped_column(String(36))
+    # A pending row waits out its backoff: no flush claims it before this.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # The flush sending it, and when that claim lapses if the flush never reports.
+    claim_token: Mapped[str | None] = mapped_column(String(36))
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(DateTime)
 

@@ -156,6 +156,7 @@ def post(
             conversation.number,
             callback_mark(conversation.id, callback.turn, callback.event),
             callback.created_at,
+            common.settings().GITHUB_APP_ID,
         )
         if earlier is not None:
             log.info("callback.found_posted", extra={"comment": earlier.get("id")})

@@ -189,7 +189,20 @@ def track_workflow_run(config: Settings, delivery_id: str, payload: dict) -> str
         )
         log.info("delivery.ignored", extra={"event": "workflow_run", "reason": reason})
         return Verdict.IGNORED.value
-    tracked = workflow_runs.track(config.DATABASE_URL, delivery_id, run)
+    try:
+        tracked = workflow_runs.track(config.DATABASE_URL, delivery_id, run)
+    except common.OUTAGES:
+        raise
+    except Exception as exc:
+        # A bug, not bad luck: record it so the delivery is not silently gone.
+        _fail(
+            config,
+            delivery_id,
+            "workflow_run",
+            payload,
+            f"internal error: {exc!r}"[:500],
+        )
+        raise
     verdict = Verdict.JOB if tracked.reported else Verdict.IGNORED
     record_verdict(
         config.DATABASE_URL,

@@ -65,6 +65,7 @@ class Context:
     issue: dict
     comments: list[dict]
     branch: str | None
+    head_repository: str | None = None
     thread: list[dict] = field(default_factory=list)
     omitted_comments: int = 0
 
@@ -97,9 +98,12 @@ def load_context(client: GitHubClient, trigger: Trigger) -> Context:
     shown = earlier[-CONTEXT_COMMENTS:]
     omitted = max(int(issue.get("comments") or 0), len(earlier)) - len(shown)
 
-    branch = trigger["head_ref"]
+    branch, head_repository = trigger["head_ref"], trigger.get("head_repository")
     if trigger["kind"] != "issue" and branch is None:
-        branch = client.pull_request(repository, number)["head"]["ref"]
+        head = client.pull_request(repository, number)["head"]
+        branch = head["ref"]
+        repo = head.get("repo")
+        head_repository = repo.get("full_name") if isinstance(repo, dict) else None
     thread: list[dict] = []
     if trigger["thread_id"] is not None:
         thread = [
@@ -113,6 +117,7 @@ def load_context(client: GitHubClient, trigger: Trigger) -> Context:
         issue=issue,
         comments=_shortened(shown),
         branch=branch,
+        head_repository=head_repository,
         thread=_shortened(thread[-CONTEXT_COMMENTS:]),
         omitted_comments=max(omitted, 0),
     )
@@ -192,12 +197,12 @@ def store_request(
     delivery_id: str,
     trigger: Trigger,
     follow_up: str,
-    first: tuple[str, str | None] | None,
+    first: tuple[str, Context] | None,
 ) -> Stored | None:
     """Add a request to the open conversation on its issue, or start one.
 
     `follow_up` is the request as a later turn; `first` is (instructions,
-    branch) for a new conversation. With `first` None the caller saw an open
+    its context) for a new conversation. With `first` None the caller saw an open
     conversation: if it closed meanwhile, None comes back, and the caller loads
     the context and asks again.
     """
@@ -228,7 +233,7 @@ def store_request(
         if first is None:
             return None
 
-        instructions, branch = first
+        instructions, context = first
         conversation = Conversation(
             id=uuid.uuid4(),
             delivery_id=delivery_id,
@@ -241,7 +246,8 @@ def store_request(
             trigger_node_id=trigger["comment_node_id"],
             reaction_path=trigger["reaction_path"],
             reply_path=trigger["reply_path"],
-            branch=branch,
+            branch=context.branch,
+            head_repository=context.head_repository,
             file_path=trigger["path"],
             line=trigger["line"],
             instructions=instructions,
@@ -287,7 +293,7 @@ def _store(
                 trigger, context, config.HOOKLINE_TEMPLATES_DIR
             )
             stored = store_request(
-                url, delivery_id, trigger, follow_up, (instructions, context.branch)
+                url, delivery_id, trigger, follow_up, (instructions, context)
             )
     except IntegrityError:
         # A second copy of this delivery stored it first.
@@ -317,7 +323,15 @@ def ensure_status_comment(
 
     mark = status_mark(stored.conversation_id, stored.turn)
     comment = (
-        find_marked(client, kind, repository, number, mark, created)
+        find_marked(
+            client,
+            kind,
+            repository,
+            number,
+            mark,
+            created,
+            common.settings().GITHUB_APP_ID,
+        )
         if attempted
         else None
     )

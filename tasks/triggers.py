@@ -35,6 +35,7 @@ class Trigger(TypedDict):
     line: int | None
     diff_hunk: str | None
     head_ref: str | None
+    head_repository: str | None  # where head_ref lives: a fork's, for a fork's PR
     thread_id: int | None  # the review thread's first comment, for inline triggers
     command: str | None  # "stop" when the comment is `@bot stop`, else None
 
@@ -182,6 +183,19 @@ def repository_name(payload: dict) -> str:
     return name
 
 
+def _branch(head: dict) -> str | None:
+    ref = text_field(head, "ref")
+    if len(ref) > 255 or "\x00" in ref:
+        raise MalformedPayload("pull_request.head.ref is not a branch name")
+    return ref or None
+
+
+def _head_repository(head: dict) -> str | None:
+    repo = head.get("repo")
+    name = repo.get("full_name") if isinstance(repo, dict) else None
+    return name if isinstance(name, str) and _REPOSITORY.fullmatch(name) else None
+
+
 def _author_name(payload: dict, comment: dict) -> str:
     for user in (comment.get("user"), payload.get("sender")):
         login = user.get("login") if isinstance(user, dict) else None
@@ -257,7 +271,7 @@ def _issue_trigger(payload: dict, repository: str, installation_id: int) -> Deci
             number=number,
             installation_id=installation_id,
             author=_login(object_field(payload, "sender")),
-            request=text_field(issue, "body"),
+            request=text_field(issue, "body").replace("\x00", ""),
             comment_id=None,
             comment_node_id=None,
             reaction_path=f"/repos/{repository}/issues/{number}/reactions",
@@ -266,6 +280,7 @@ def _issue_trigger(payload: dict, repository: str, installation_id: int) -> Deci
             line=None,
             diff_hunk=None,
             head_ref=None,
+            head_repository=None,
             thread_id=None,
             command=None,
         ),
@@ -287,7 +302,7 @@ def _issue_comment_trigger(
             number=number,
             installation_id=installation_id,
             author=_login(object_field(comment, "user")),
-            request=text_field(comment, "body"),
+            request=text_field(comment, "body").replace("\x00", ""),
             comment_id=comment_id,
             comment_node_id=text_field(comment, "node_id") or None,
             reaction_path=(
@@ -298,6 +313,7 @@ def _issue_comment_trigger(
             line=None,
             diff_hunk=None,
             head_ref=None,
+            head_repository=None,
             thread_id=None,
             command=command,
         ),
@@ -329,7 +345,7 @@ def _review_comment_trigger(
             number=number,
             installation_id=installation_id,
             author=_login(object_field(comment, "user")),
-            request=text_field(comment, "body"),
+            request=text_field(comment, "body").replace("\x00", ""),
             comment_id=comment_id,
             comment_node_id=text_field(comment, "node_id") or None,
             reaction_path=f"/repos/{repository}/pulls/comments/{comment_id}/reactions",
@@ -339,7 +355,8 @@ def _review_comment_trigger(
             path=text_field(comment, "path") or None,
             line=line if type(line) is int else None,
             diff_hunk=text_field(comment, "diff_hunk") or None,
-            head_ref=text_field(head, "ref") or None,
+            head_ref=_branch(head),
+            head_repository=_head_repository(head),
             thread_id=thread_id,
             command=command,
         ),

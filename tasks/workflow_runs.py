@@ -10,11 +10,13 @@ conversation awaiting input gets the failure as its next turn.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -28,6 +30,7 @@ from hookline.models import (
     RunStatus,
     Turn,
     WorkflowRun,
+    utcnow,
 )
 from tasks.triggers import MalformedPayload, object_field, positive_int, repository_name
 
@@ -42,6 +45,14 @@ FAILED_CONCLUSIONS = {
     "action_required",
 }
 EVENT_PREFIX = "ci_failed:"
+# A conversation that finished this recently still hears about CI on its branch
+# (its agent may have pushed the commit being tested); a stopped one never.
+FINISHED_WINDOW = 24 * 3600
+OPEN = (
+    ConversationStatus.QUEUED,
+    ConversationStatus.RUNNING,
+    ConversationStatus.AWAITING_INPUT,
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,7 @@ class Run:
     id: int
     repository: str
     branch: str
+    head_repository: str  # where the branch is: a fork's for a fork's PR
     head_sha: str
     name: str
     status: RunStatus
@@ -73,32 +85,57 @@ def run_status(status: object, conclusion: object) -> RunStatus:
     """Map GitHub's status and conclusion to PENDING, COMPLETED or FAILURE."""
     if status != "completed":
         return RunStatus.PENDING
-    return (
-        RunStatus.FAILURE if conclusion in FAILED_CONCLUSIONS else RunStatus.COMPLETED
-    )
+    failed = isinstance(conclusion, str) and conclusion in FAILED_CONCLUSIONS
+    return RunStatus.FAILURE if failed else RunStatus.COMPLETED
+
+
+_SHA = re.compile(r"[0-9a-f]{40}")
+# A workflow's name is written by whoever wrote the workflow file, a fork's
+# author included: kept short, on one line, without Markdown's code marks.
+_UNSAFE_IN_NAME = re.compile(r"[\x00-\x1f\x7f`]+")
+
+
+def _display_name(name: object) -> str:
+    text = _UNSAFE_IN_NAME.sub(" ", name if isinstance(name, str) else "").strip()
+    return text[:100] or "workflow"
 
 
 def parse_run(payload: dict) -> Run:
     """Read a workflow_run delivery; MalformedPayload if a field is unusable."""
     run = object_field(payload, "workflow_run")
-    branch, sha, name = run.get("head_branch"), run.get("head_sha"), run.get("name")
-    if not isinstance(branch, str) or not branch or len(branch) > 255:
+    branch, sha = run.get("head_branch"), run.get("head_sha")
+    if (
+        not isinstance(branch, str)
+        or not branch
+        or len(branch) > 255
+        or "\x00" in branch
+    ):
         raise MalformedPayload("workflow_run.head_branch is not a branch name")
-    if not isinstance(sha, str) or not 7 <= len(sha) <= 40:
+    if not isinstance(sha, str) or not _SHA.fullmatch(sha):
         raise MalformedPayload("workflow_run.head_sha is not a commit")
+    head = run.get("head_repository")
+    try:
+        head_repository = repository_name({"repository": head})
+    except MalformedPayload:
+        raise MalformedPayload(
+            "workflow_run.head_repository.full_name is not owner/name"
+        ) from None
     url = run.get("html_url")
     return Run(
         id=positive_int(run, "id"),
         repository=repository_name(payload),
         branch=branch,
+        head_repository=head_repository,
         head_sha=sha,
-        name=(name if isinstance(name, str) and name else "workflow")[:200],
+        name=_display_name(run.get("name")),
         status=run_status(run.get("status"), run.get("conclusion")),
-        html_url=url if isinstance(url, str) else None,
+        html_url=url if isinstance(url, str) and url.startswith("https://") else None,
     )
 
 
-def _upsert(session: Session, run: Run, conversation_id: uuid.UUID) -> None:
+def _upsert(
+    session: Session, run: Run, conversation_id: uuid.UUID, reported: bool
+) -> None:
     values = {
         "id": run.id,
         "conversation_id": conversation_id,
@@ -106,7 +143,7 @@ def _upsert(session: Session, run: Run, conversation_id: uuid.UUID) -> None:
         "head_sha": run.head_sha,
         "status": run.status.value,
         "html_url": run.html_url,
-        "reported": False,
+        "reported": reported,
     }
     dialect = session.get_bind().dialect.name
     insert = pg_insert if dialect == "postgresql" else sqlite_insert
@@ -124,23 +161,39 @@ def _upsert(session: Session, run: Run, conversation_id: uuid.UUID) -> None:
 def track(database_url: str, delivery_id: str, run: Run) -> Tracked:
     """Record a run under its branch's conversation; report its group if due."""
     with session_scope(database_url) as session:
+        recent = utcnow() - timedelta(seconds=FINISHED_WINDOW)
         conversation = session.scalars(
             select(Conversation)
             .where(
                 Conversation.repository == run.repository,
                 Conversation.branch == run.branch,
+                # A fork's branch of the same name is another branch.
+                Conversation.head_repository == run.head_repository,
+                or_(
+                    Conversation.status.in_([str(s) for s in OPEN]),
+                    and_(
+                        Conversation.status == ConversationStatus.FINISHED,
+                        Conversation.finished_at > recent,
+                    ),
+                ),
             )
             .order_by(Conversation.created_at.desc())
             .limit(1)
             .with_for_update()
         ).first()
         if conversation is None:
-            return Tracked(f"no conversation works on branch {run.branch}")
-        _upsert(session, run, conversation.id)
+            return Tracked(
+                f"no open conversation works on {run.head_repository}:{run.branch}"
+            )
         group = (
             WorkflowRun.conversation_id == conversation.id,
             WorkflowRun.head_sha == run.head_sha,
         )
+        already = session.scalar(
+            select(WorkflowRun.id).where(*group, WorkflowRun.reported).limit(1)
+        )
+        # A run that joins a group already reported is recorded, not reported.
+        _upsert(session, run, conversation.id, reported=already is not None)
         statuses = [
             row for (row,) in session.execute(select(WorkflowRun.status).where(*group))
         ]
@@ -177,9 +230,8 @@ def track(database_url: str, delivery_id: str, run: Run) -> Tracked:
         resumed = conversation.status == ConversationStatus.AWAITING_INPUT
         if resumed:
             _tell(session, conversation, delivery_id, failed)
-        names = ", ".join(row.name for row in failed)
         return Tracked(
-            f"CI failed on {run.head_sha[:12]}: {names}",
+            f"CI failed on {run.head_sha[:12]}: {len(failed)} run(s)",
             conversation.id,
             reported=True,
             resumed=resumed,
@@ -198,7 +250,10 @@ def _tell(
     latest = session.scalar(
         select(func.max(Turn.number)).where(Turn.conversation_id == conversation.id)
     )
-    lines = [f"- {row.name}: {row.html_url or 'no link'}" for row in failed]
+    # Run ids and GitHub's links only: a run's name is written by whoever wrote
+    # the workflow, a fork's author included, and the agent must not take
+    # instructions from it.
+    lines = [f"- run {row.id}: {row.html_url or 'no link'}" for row in failed]
     session.add(
         Turn(
             conversation_id=conversation.id,

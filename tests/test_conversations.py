@@ -355,3 +355,29 @@ def test_stop_closes_the_running_turn_and_the_ones_waiting(
         ),
     )
     assert len(talk.fake.comments()) == 3
+
+
+def test_a_mark_pasted_by_someone_else_is_not_taken_for_the_apps_comment(
+    running: Stack,
+) -> None:
+    issue = next(_issue_numbers)
+    say(running, issue, "@openhands ask please")
+    asking = only_conversation(running, issue, "awaiting_input")
+    callbacks_done(running, asking, 1)
+    # Another user pastes the mark turn 2's "working on it" comment will carry,
+    # and GitHub's first answer to that comment's POST is lost (a 502).
+    planted = running.fake.add_comment(
+        REPOSITORY, issue, f"nice bot <!-- hookline:status={asking.id}/2 -->"
+    )
+    running.fake.fail_next("POST", rf"/issues/{issue}/comments$", 502)
+
+    say(running, issue, "@openhands option B")
+    finished = only_conversation(running, issue, "finished")
+    callbacks_done(running, finished, 2)
+
+    _, second = turns_of(running, finished)
+    assert second.status_comment_id != planted["id"]
+    answer = [c for c in running.fake.comments() if c["id"] == second.status_comment_id]
+    assert "test agent finished" in answer[0]["body"]
+    assert all(c["id"] != planted["id"] for c in running.fake.comments())
+    assert not running.fake.requests("PATCH", f"/issues/comments/{planted['id']}")

@@ -315,3 +315,14 @@ def test_a_port_in_use_does_not_stop_the_pool(pool_port: int) -> None:
     settings = pool_settings(HOOKLINE_WORKER_METRICS_PORT=pool_port)
 
     assert metrics.serve_worker_metrics(settings, forks=False) is None
+
+
+def test_a_malformed_accept_header_gets_the_text_format() -> None:
+    registry = metrics.scrape_registry()
+
+    body, content_type = metrics.exposition(
+        registry, "application/openmetrics-text; version=zzz"
+    )
+
+    assert content_type.startswith("text/plain")
+    assert body.startswith(b"#") or body == b""

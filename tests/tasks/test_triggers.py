@@ -308,3 +308,26 @@ def test_a_bots_comment_is_ignored_naming_the_bot() -> None:
 
     assert decision.trigger is None
     assert decision.reason == "comment written by a bot (openhands[bot])"
+
+
+def test_a_nul_in_a_comment_is_dropped_from_the_request() -> None:
+    payload = delivery("issue_comment.created.json")
+    payload["comment"]["body"] = "@openhands fix\x00 it"
+
+    decision = classify("issue_comment", payload, LABEL, HANDLE)
+
+    assert decision.trigger is not None
+    assert decision.trigger["request"] == "@openhands fix it"
+
+
+def test_a_head_branch_longer_than_git_allows_is_malformed() -> None:
+    payload = delivery("pull_request_review_comment.created.json")
+    payload["pull_request"]["head"]["ref"] = "b" * 300
+
+    decision = classify("pull_request_review_comment", payload, LABEL, HANDLE)
+
+    assert decision.trigger is None
+    assert (
+        decision.reason
+        == "malformed payload: pull_request.head.ref is not a branch name"
+    )
