@@ -16,7 +16,13 @@ from dataclasses import replace
 from datetime import timedelta
 
 from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from tenacity import (
+    retry,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from config.settings import Settings
 from hookline import lifecycle
@@ -44,6 +50,10 @@ from tasks.rendering import render
 from workers.celery_app import RUN_AGENT_TASK, SWEEP_TASK, app
 
 log = logging.getLogger(__name__)
+
+# The runtime stops an agent at HOOKLINE_AGENT_TIMEOUT; two turns (the work and
+# the summary before a question) and the database's waits fit in this.
+AGENT_SOFT_LIMIT = 2 * common.settings().HOOKLINE_AGENT_TIMEOUT + 150
 
 # A conversation whose run failed to start this many times is given up as an error.
 MAX_RUN_ATTEMPTS = 3
@@ -108,19 +118,43 @@ def claim_run(database_url: str, conversation_id: uuid.UUID, lease: int) -> int 
 
 
 def renew_lease(database_url: str, conversation_id: uuid.UUID, lease: int) -> bool:
-    """Push a running conversation's lease forward; False if it no longer runs."""
-    with session_scope(database_url) as session:
-        renewed = session.execute(
-            update(Conversation)
-            .where(
-                Conversation.id == conversation_id,
-                Conversation.status == ConversationStatus.RUNNING,
-            )
-            .values(lease_expires_at=utcnow() + timedelta(seconds=lease))
-        ).rowcount
+    """Push a running conversation's lease forward; False if it no longer runs.
+
+    A database that does not answer is not a stop: the agent goes on, and if
+    the lease lapses meanwhile, the sweep's takeover is the worst that happens.
+    """
+    try:
+        with session_scope(database_url) as session:
+            renewed = session.execute(
+                update(Conversation)
+                .where(
+                    Conversation.id == conversation_id,
+                    Conversation.status == ConversationStatus.RUNNING,
+                )
+                .values(lease_expires_at=utcnow() + timedelta(seconds=lease))
+            ).rowcount
+    except DATABASE_OUTAGES as exc:
+        log.warning("agent.lease_not_renewed", extra={"error": type(exc).__name__})
+        return True
     return renewed > 0
 
 
+# The run's outcome is only in this process: a database outage when it is to be
+# stored is waited out here, rather than losing the run to a task retry that
+# would find the conversation still leased and do nothing.
+DATABASE_OUTAGES = (OperationalError, InterfaceError)
+_outlast_outage = retry(
+    retry=retry_if_exception_type(DATABASE_OUTAGES),
+    wait=wait_exponential(multiplier=0.5, max=5),
+    stop=stop_after_delay(120),
+    before_sleep=lambda state: log.warning(
+        "agent.database_unavailable", extra={"attempt": state.attempt_number}
+    ),
+    reraise=True,
+)
+
+
+@_outlast_outage
 def remember_ref(database_url: str, conversation_id: uuid.UUID, ref: str) -> None:
     """Store the runtime's own id for a conversation as soon as it names one."""
     with session_scope(database_url) as session:
@@ -131,6 +165,7 @@ def remember_ref(database_url: str, conversation_id: uuid.UUID, ref: str) -> Non
         )
 
 
+@_outlast_outage
 def finish_turn(
     database_url: str,
     conversation_id: uuid.UUID,
@@ -328,11 +363,14 @@ def _agent_context(conversation: Conversation) -> dict[str, str]:
 
 
 # Acknowledged at once: the run's own lease, not the broker, guards it (see above).
+# Both limits are set: a task's None falls back to the short tasks' 90 s soft
+# limit, which would cut every longer run short, and a retry with a soft limit
+# above the hard one is refused by Celery (the run was then dropped).
 @app.task(
     name=RUN_AGENT_TASK,
     acks_late=False,
-    soft_time_limit=None,
-    time_limit=common.settings().HOOKLINE_AGENT_TIMEOUT + 60,
+    soft_time_limit=AGENT_SOFT_LIMIT,
+    time_limit=AGENT_SOFT_LIMIT + 30,
     **common.OUTAGE_RETRY,
 )
 def run_agent(

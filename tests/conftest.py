@@ -65,22 +65,42 @@ def migrate(database_url: str) -> None:
     command.upgrade(config, "head")
 
 
+# A test database is named for the hour it was made in; one from a run that is
+# long over (killed before it could drop it) is dropped by the next run.
+ABANDONED_AFTER = 6 * 3600
+
+
+def new_database_name(kind: str = "test") -> str:
+    """Return a new database name that says when it was made."""
+    return f"hookline_{kind}_{int(time.time())}_{uuid.uuid4().hex[:6]}"
+
+
 def _drop_abandoned_databases(admin: psycopg2.extensions.connection) -> None:
-    """Drop test databases a killed run left behind; one in use refuses the drop."""
+    """Drop test databases runs left behind hours ago; never a live run's."""
     with admin.cursor() as cursor:
         cursor.execute(
             "SELECT datname FROM pg_database"
             " WHERE datname LIKE 'hookline_test_%' OR datname LIKE 'hookline_migrate_%'"
         )
-        for (name,) in cursor.fetchall():
-            with contextlib.suppress(psycopg2.errors.ObjectInUse):
-                cursor.execute(f'DROP DATABASE "{name}"')
+        names = [name for (name,) in cursor.fetchall()]
+    for name in names:
+        made = name.split("_")[2]
+        if made.isdigit() and time.time() - int(made) < ABANDONED_AFTER:
+            continue
+        # Another run may be dropping it too, or still using it.
+        with (
+            contextlib.suppress(
+                psycopg2.errors.ObjectInUse, psycopg2.errors.InvalidCatalogName
+            ),
+            admin.cursor() as cursor,
+        ):
+            cursor.execute(f'DROP DATABASE "{name}"')
 
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """Create, migrate and finally drop a PostgreSQL database for this session."""
-    name = f"hookline_test_{uuid.uuid4().hex[:10]}"
+    name = new_database_name()
     admin = psycopg2.connect(ADMIN_DATABASE_URL)
     admin.autocommit = True
     _drop_abandoned_databases(admin)

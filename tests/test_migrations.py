@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 import psycopg2
 import pytest
 from alembic import command
@@ -13,7 +11,7 @@ from sqlalchemy.engine import make_url
 
 from hookline.db import driver_url
 from hookline.models import Base
-from tests.conftest import ADMIN_DATABASE_URL, ROOT, migrate
+from tests.conftest import ADMIN_DATABASE_URL, ROOT, migrate, new_database_name
 
 
 def alembic_config(url: str) -> Config:
@@ -44,7 +42,7 @@ MODEL_SCHEMA = {
 
 @pytest.fixture
 def fresh_postgres() -> str:
-    name = f"hookline_migrate_{uuid.uuid4().hex[:10]}"
+    name = new_database_name("migrate")
     admin = psycopg2.connect(ADMIN_DATABASE_URL)
     admin.autocommit = True
     with admin.cursor() as cursor:

@@ -6,10 +6,13 @@ killed and restarted empty), so that nothing else on the machine is touched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -18,13 +21,21 @@ from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import select
+from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy.exc import OperationalError
 
-from hookline.db import session_scope
+from hookline.db import driver_url, session_scope
 from hookline.devtools import free_port, send_delivery
 from hookline.fake_github import FakeGitHub
 from hookline.models import Delivery
-from tests.conftest import SECRET, Stack, fixture_bytes, launched, wait_until
+from tests.conftest import (
+    SECRET,
+    Stack,
+    fixture_bytes,
+    launched,
+    migrate,
+    wait_until,
+)
 from workers.celery_app import SWEEP_INBOX_TASK, create_celery
 
 POOLS = {"classify": "classify", "rest": "conversations,agent,callbacks"}
@@ -76,21 +87,26 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
         server.kill()
 
 
-def comment_on(number: int) -> bytes:
+def comment_on(number: int, text: str = "@openhands fix it") -> bytes:
     payload = json.loads(fixture_bytes("issue_comment.created.json"))
     payload["issue"]["number"] = number
     payload["comment"]["id"] = 8_000_000 + number
+    payload["comment"]["body"] = text
     return json.dumps(payload).encode()
 
 
-def accept(stack: Stack, number: int) -> str:
+def accept(stack: Stack, number: int, text: str = "@openhands fix it") -> str:
     """Send a comment on issue `number` until the gateway takes it, as GitHub's
     redelivery would after a 503; return its delivery id."""
     delivery_id = str(uuid.uuid4())
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while True:
         response = send_delivery(
-            stack.gateway_url, SECRET, "issue_comment", comment_on(number), delivery_id
+            stack.gateway_url,
+            SECRET,
+            "issue_comment",
+            comment_on(number, text),
+            delivery_id,
         )
         if response.status_code == 202:
             return delivery_id
@@ -153,3 +169,150 @@ def test_redis_restarted_empty_under_load_loses_no_accepted_delivery(
     # The first ten waited in Redis when it died (bar one the frozen worker may
     # have popped already): the inbox brought them back.
     assert sum(r["requeued"] for r in swept) >= 9
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+class OwnPostgres:
+    """A PostgreSQL cluster of the test's own, run as the postgres user."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.data = directory / "data"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/hookline"
+
+    def _as_postgres(self, *args: str) -> None:
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", *args],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+    def create(self) -> None:
+        shutil.chown(self.directory, "postgres")
+        self._as_postgres(
+            str(PG_BIN / "initdb"),
+            "-D",
+            str(self.data),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+        )
+        self.start()
+        self._as_postgres(
+            str(PG_BIN / "createdb"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "hookline",
+        )
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1"
+            " -c fsync=off"
+        )
+        self._as_postgres(
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.directory / "log"),
+            "-w",
+            "start",
+        )
+
+    def stop(self) -> None:
+        self._as_postgres(
+            str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"
+        )
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[OwnPostgres]:
+    # Under /tmp itself: the postgres user cannot enter pytest's root-only folders.
+    directory = Path(tempfile.mkdtemp(prefix="hookline-postgres-"))
+    server = OwnPostgres(directory)
+    try:
+        server.create()
+        migrate(server.url)
+        yield server
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_postgres_stopped_and_started_under_load_finishes_every_job_once(
+    environment: dict[str, str],
+    fake_github: FakeGitHub,
+    own_postgres: OwnPostgres,
+    tmp_path: Path,
+) -> None:
+    fake_github.reset()
+    prefix = f"{environment['HOOKLINE_REDIS_PREFIX']}pg-outage:"
+    env = {
+        **environment,
+        "DATABASE_URL": own_postgres.url,
+        "CELERY_BROKER_KEYPREFIX": prefix,
+        "HOOKLINE_REDIS_PREFIX": prefix,
+    }
+    before, during = list(range(7001, 7005)), [7005, 7006]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with launched(env, fake_github, logs, POOLS) as stack:
+        accepted = [accept(stack, n, "@openhands sleep 3") for n in before]
+        engine = create_engine(driver_url(own_postgres.url))
+        try:
+            wait_until(
+                lambda: _count(engine, "running") >= 1, 30, "an agent run under way"
+            )
+        finally:
+            engine.dispose()
+        own_postgres.stop()
+        refused = [
+            send_delivery(
+                stack.gateway_url, SECRET, "issue_comment", comment_on(n)
+            ).status_code
+            for n in during
+        ]
+        time.sleep(4)
+        own_postgres.start()
+        accepted += [accept(stack, n) for n in during]
+
+        def answered() -> bool:
+            posted = [
+                c["number"]
+                for c in fake_github.comments()
+                if "test agent finished" in c["body"]
+            ]
+            return sorted(set(posted)) == before + during
+
+        wait_until(answered, 120, "every accepted delivery answered")
+        time.sleep(2)
+
+    per_issue = Counter(c["number"] for c in fake_github.comments())
+    assert refused == [503, 503]
+    assert len(accepted) == 6
+    assert per_issue == dict.fromkeys(before + during, 1)
+
+
+def _count(engine: Engine, status: str) -> int:
+    try:
+        with engine.connect() as connection:
+            return connection.execute(
+                text("SELECT count(*) FROM conversations WHERE status = :s"),
+                {"s": status},
+            ).scalar_one()
+    except OperationalError:
+        return 0
