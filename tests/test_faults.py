@@ -8,7 +8,14 @@ import time
 from pathlib import Path
 
 from tests.conftest import Stack
+from tests.test_conversations import (
+    _issue_numbers,
+    callbacks_done,
+    only_conversation,
+    say,
+)
 from tests.test_pipeline import callback_of
+from workers.celery_app import SWEEP_TASK, create_celery
 
 
 def pool_children(stack: Stack, pool: str) -> list[int]:
@@ -69,3 +76,44 @@ def test_callback_worker_killed_after_github_took_the_comment_posts_once(
     assert len(running.fake.comments()) == 1
     assert callback.github_comment_id == running.fake.comments()[0]["id"]
     assert "callback.found_posted" in running.log_text()
+
+
+def test_classify_worker_killed_mid_task_still_starts_the_job_once(
+    running: Stack,
+) -> None:
+    # The permission check hangs 5 s; the worker is killed while it waits.
+    running.fake.fail_next("GET", r"/permission$", 0, delay=5)
+    delivery_id, _ = running.send("issue_comment.created.json", "issue_comment")
+    time.sleep(1.5)
+    killed_at = time.monotonic()
+    for child in pool_children(running, "classify"):
+        os.kill(child, signal.SIGKILL)
+
+    callback = callback_of(running, delivery_id)
+    time.sleep(0.5)
+    assert callback.status == "posted"
+    (comment,) = running.fake.comments()
+    assert "test agent finished" in comment["body"]
+    # The broker handed the task to a new worker, which asked again.
+    answered = running.fake.requests("GET", "/permission")
+    assert any(r.received_at > killed_at and r.status == 200 for r in answered)
+
+
+def test_agent_worker_killed_mid_run_is_run_again_after_its_lease(
+    running: Stack,
+) -> None:
+    issue = next(_issue_numbers)
+    say(running, issue, "@openhands sleep 4")
+    conversation = only_conversation(running, issue, "running")
+    for child in pool_children(running, "agent"):
+        os.kill(child, signal.SIGKILL)
+    # The lease is 6 s here; beat's sweep would find it lapsed, as this does.
+    time.sleep(7)
+    create_celery(running.settings).send_task(SWEEP_TASK)
+
+    finished = only_conversation(running, issue, "finished")
+    callbacks_done(running, finished, 1)
+    assert finished.id == conversation.id
+    assert finished.run_attempts == 2
+    (comment,) = running.fake.comments()
+    assert "test agent finished" in comment["body"]
