@@ -294,14 +294,19 @@ class GitHubClient:
         return self._call("GET", f"/repos/{repository}/issues/{number}")
 
     def issue_comments(
-        self, repository: str, number: int, limit: int = 100, since: str | None = None
+        self,
+        repository: str,
+        number: int,
+        limit: int = 100,
+        since: str | None = None,
+        page: int = 1,
     ) -> list:
-        """Return up to `limit` of the oldest comments on an issue or pull request.
+        """Return one page (up to `limit`) of an issue's comments, oldest first.
 
         `since` (ISO 8601) keeps only comments updated at or after that time.
         """
         path = f"/repos/{repository}/issues/{number}/comments"
-        params: dict[str, object] = {"per_page": min(limit, 100)}
+        params: dict[str, object] = {"per_page": min(limit, 100), "page": page}
         if since:
             params["since"] = since
         return self._call("GET", path, params=params)[:limit]

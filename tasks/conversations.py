@@ -84,6 +84,22 @@ def _shortened(comments: list[dict]) -> list[dict]:
     ]
 
 
+def _latest_comments(
+    client: GitHubClient, repository: str, number: int, issue: dict
+) -> list[dict]:
+    """Return the newest comments, at least CONTEXT_COMMENTS of them when there are.
+
+    GitHub lists comments oldest first, a hundred a page: the newest are on the
+    last page, and the one before it when the last is short.
+    """
+    total = issue.get("comments")
+    pages = max(1, -(-total // 100)) if type(total) is int and total > 0 else 1
+    comments = client.issue_comments(repository, number, page=pages)
+    if pages > 1 and len(comments) <= CONTEXT_COMMENTS:
+        comments = client.issue_comments(repository, number, page=pages - 1) + comments
+    return comments
+
+
 def load_context(client: GitHubClient, trigger: Trigger) -> Context:
     """Fetch the issue or pull request, its comments, branch and review thread."""
     repository, number = trigger["repository"], trigger["number"]
@@ -91,7 +107,7 @@ def load_context(client: GitHubClient, trigger: Trigger) -> Context:
     issue = {**issue, "body": _cut(issue.get("body"), DESCRIPTION_CHARS)}
     earlier = [
         comment
-        for comment in client.issue_comments(repository, number)
+        for comment in _latest_comments(client, repository, number, issue)
         if comment.get("id") != trigger["comment_id"]
     ]
     # The most recent comments matter most; older ones are counted, not shown.

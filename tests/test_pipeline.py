@@ -422,3 +422,20 @@ def test_long_context_is_cut_with_a_visible_note(running: Stack) -> None:
     assert "- user9: comment 9 " not in instructions
     assert "… (cut: 10000 more characters)" in instructions
     assert "… (cut: 1011 more characters)" in instructions
+
+
+def test_a_long_thread_shows_its_newest_comments(running: Stack) -> None:
+    comments = [
+        {"user": {"login": f"user{n}"}, "body": f"comment {n:03d}"} for n in range(150)
+    ]
+    running.fake.add_issue("octo-user/Hello-World", 1, "Long", "", comments=comments)
+    delivery_id, _ = running.send("issues.labeled.json", "issues")
+
+    assert callback_of(running, delivery_id).status == "posted"
+    instructions = conversation_of(running, delivery_id).instructions
+    assert "- user149: comment 149" in instructions
+    assert "- user120: comment 120" in instructions
+    assert "comment 119" not in instructions
+    assert "Earlier comments (the 120 oldest are not shown):" in instructions
+    pages = [r.query.get("page") for r in running.fake.requests("GET", "/1/comments")]
+    assert pages == ["2"]  # the last page holds 50: enough, one call
