@@ -5,6 +5,8 @@
     hookline explain DELIVERY_ID         the whole trace of one delivery
     hookline conversations [--limit N]   recent conversations and their state
     hookline replay DELIVERY_ID          classify a stored delivery again
+    hookline failed [--limit N]          GitHub writes that gave up (dead letters)
+    hookline retry CALLBACK              try one of them again
     hookline stop CONVERSATION           stop an open conversation and say so
 
 Every command takes --json. Exit codes: 0 done, 1 not found or refused, 2 usage
@@ -30,7 +32,14 @@ from config.settings import ConfigError, Settings, load_settings
 from hookline import inbox
 from hookline.db import session_scope
 from hookline.devtools import send_delivery
-from hookline.models import Callback, Conversation, Delivery, GitHubCall, Turn
+from hookline.models import (
+    Callback,
+    CallbackStatus,
+    Conversation,
+    Delivery,
+    GitHubCall,
+    Turn,
+)
 from hookline.runtime import runtime_for
 from tasks.conversations import OPEN, queue_callback, stop_open
 from workers.celery_app import CLASSIFY_TASK, create_celery
@@ -225,6 +234,59 @@ def _first_line(text: str | None, limit: int = 100) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
+def _failed(args: argparse.Namespace, settings: Settings) -> list[dict[str, Any]]:
+    query = (
+        select(Callback)
+        .where(Callback.status == CallbackStatus.FAILED.value)
+        .order_by(Callback.updated_at.desc())
+        .limit(args.limit)
+    )
+    with session_scope(settings.DATABASE_URL) as session:
+        return [
+            {
+                "callback": row.id,
+                "conversation": str(row.conversation_id),
+                "turn": row.turn,
+                "event": row.event,
+                "attempts": row.attempts,
+                "last_error": row.last_error,
+                "at": row.updated_at.isoformat(timespec="seconds"),
+            }
+            for row in session.scalars(query)
+        ]
+
+
+def _retry(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    with session_scope(settings.DATABASE_URL) as session:
+        callback = session.get(Callback, args.callback, with_for_update=True)
+        if callback is None:
+            raise CommandError(f"no callback {args.callback}", NOT_FOUND)
+        if callback.status != CallbackStatus.FAILED:
+            raise CommandError(
+                f"callback {args.callback} is {callback.status}, not failed", NOT_FOUND
+            )
+        # Its attempts are kept: the retry first looks for a comment an earlier
+        # attempt may have posted after all.
+        callback.status = CallbackStatus.PENDING.value
+        conversation_id, turn, event = (
+            callback.conversation_id,
+            callback.turn,
+            callback.event,
+        )
+        delivery_id = callback.conversation.delivery_id
+    try:
+        queue_callback(conversation_id, turn, event, delivery_id)
+    except Exception as exc:
+        with session_scope(settings.DATABASE_URL) as session:
+            session.get_one(Callback, args.callback).status = CallbackStatus.FAILED
+        raise CommandError(
+            f"callback {args.callback} could not be queued ({type(exc).__name__}); "
+            "it is still failed: try again once the broker answers",
+            UNAVAILABLE,
+        ) from None
+    return {"callback": args.callback, "conversation": str(conversation_id)}
+
+
 def _replay(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     original = inbox.stored(settings.DATABASE_URL, args.delivery)
     if original is None:
@@ -396,6 +458,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     conversations.add_argument("--limit", type=int, default=20)
 
+    failed = commands.add_parser(
+        "failed",
+        parents=[either],
+        help="GitHub writes that gave up (the dead letters), newest first",
+    )
+    failed.add_argument("--limit", type=int, default=20)
+
+    retry = commands.add_parser(
+        "retry", parents=[either], help="try a failed GitHub write again"
+    )
+    retry.add_argument("callback", type=int)
+
     replay = commands.add_parser(
         "replay",
         parents=[either],
@@ -425,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
             "conversations": _conversations,
             "stop": _stop,
             "replay": _replay,
+            "failed": _failed,
+            "retry": _retry,
         }[args.command](args, settings)
     except CommandError as exc:
         print(f"hookline {args.command}: {exc}", file=sys.stderr)
@@ -442,6 +518,12 @@ def main(argv: list[str] | None = None) -> int:
         _print_trace(result)
     elif args.command == "deliveries":
         _print_table(result, ["at", "delivery", "event", "action", "verdict", "reason"])
+    elif args.command == "failed":
+        _print_table(
+            result, ["at", "callback", "conversation", "turn", "event", "last_error"]
+        )
+    elif args.command == "retry":
+        print(f"callback {result['callback']} is queued again")
     elif args.command == "replay":
         print(f"replaying {result['replay_of']} as {result['delivery']}")
     elif args.command == "stop":

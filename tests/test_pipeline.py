@@ -439,3 +439,20 @@ def test_a_long_thread_shows_its_newest_comments(running: Stack) -> None:
     assert "Earlier comments (the 120 oldest are not shown):" in instructions
     pages = [r.query.get("page") for r in running.fake.requests("GET", "/1/comments")]
     assert pages == ["2"]  # the last page holds 50: enough, one call
+
+
+def test_secondary_rate_limit_403_waits_and_posts_once(running: Stack) -> None:
+    running.fake.fail_next(
+        "POST",
+        r"/issues/1/comments$",
+        403,
+        retry_after=1,
+        body={"message": "You have exceeded a secondary rate limit."},
+    )
+    delivery_id, _ = running.send("issue_comment.created.json", "issue_comment")
+
+    callback_of(running, delivery_id)
+    posts = running.fake.requests("POST", "/issues/1/comments")
+    assert [p.status for p in posts] == [403, 201]
+    assert posts[1].received_at - posts[0].received_at >= 1.0
+    assert len(running.fake.comments()) == 1

@@ -203,3 +203,28 @@ def test_replay_classifies_a_stored_delivery_again_under_a_new_id(
     assert verdict_of(running, delivery_id).verdict == "ignored"
     assert unknown.returncode == 1
     assert "no delivery no-such-delivery is in the inbox" in unknown.stderr
+
+
+def test_a_failed_write_is_listed_and_retried_once(running: Stack, environment) -> None:
+    running.fake.fail_next("PATCH", r"/issues/comments/\d+$", 404)
+    delivery_id, _ = running.send("issue_comment.created.json", "issue_comment")
+    failed = callback_of(running, delivery_id)
+    assert failed.status == "failed"
+    broker = {
+        name: environment[name]
+        for name in ("CELERY_BROKER_URL", "CELERY_BROKER_KEYPREFIX", "REDIS_URL")
+    }
+
+    listed = json.loads(hookline(running, "failed", "--json").stdout)
+    retried = hookline(running, "retry", str(failed.id), **broker)
+    again = hookline(running, "retry", str(failed.id), **broker)
+
+    assert failed.id in [row["callback"] for row in listed]
+    assert retried.returncode == 0, retried.stderr
+    assert running.fake.wait_for(
+        lambda fake: "test agent finished" in fake.comments()[0]["body"], timeout=30
+    )
+    (comment,) = running.fake.comments()
+    assert comment["edits"] == 1
+    assert again.returncode == 1
+    assert "not failed" in again.stderr
