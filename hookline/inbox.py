@@ -11,13 +11,13 @@ row, and so the delivery id's claim, stays.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import Engine, create_engine, delete, insert, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import SQLAlchemyError
 
 from hookline.db import driver_url, engine_for, session_scope
 from hookline.models import Delivery, Verdict, utcnow
@@ -57,35 +57,55 @@ def gateway_engine(database_url: str, connections: int) -> Engine:
     )
 
 
+class InboxUnavailable(Exception):
+    """The database did not take the delivery."""
+
+
+# The request path's one write, as plain SQL on the driver's connection:
+# SQLAlchemy's insert cost 1 ms of CPU each here, the driver's 0.16 ms.
+_STORE = (
+    "INSERT INTO deliveries (delivery_id, event, verdict, reason, body, headers,"
+    " created_at, updated_at) VALUES ({0}, {0}, {0}, '', {0}, {0}, {0}, {0})"
+    " ON CONFLICT (delivery_id) DO NOTHING"
+)
+_STORE_PYFORMAT = _STORE.format("%s")
+_STORE_QMARK = _STORE.format("?")
+
+
 class Inbox:
     """Store and forget deliveries from the gateway, on its own engine."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        dialect = engine.dialect.name
-        self._insert = pg_insert if dialect == "postgresql" else sqlite_insert
+        qmark = engine.dialect.paramstyle == "qmark"
+        self._store_sql = _STORE_QMARK if qmark else _STORE_PYFORMAT
+        self._driver_error = engine.dialect.loaded_dbapi.Error
 
     def store(
         self, delivery_id: str, event: str, body: str, headers: dict[str, str]
     ) -> bool:
-        """Store a delivery; False if its id is already in the inbox."""
+        """Store a delivery; False if its id is already in the inbox.
+
+        Raises InboxUnavailable when the database does not take it.
+        """
         now = utcnow()
-        statement = (
-            self._insert(Delivery)
-            .values(
-                delivery_id=delivery_id,
-                event=event,
-                verdict=Verdict.RECEIVED.value,
-                reason="",
-                body=body,
-                headers=headers,
-                created_at=now,
-                updated_at=now,
-            )
-            .on_conflict_do_nothing(index_elements=["delivery_id"])
-        )
-        with self._engine.begin() as connection:
-            return connection.execute(statement).rowcount == 1
+        values = (delivery_id, event, Verdict.RECEIVED.value, body, json.dumps(headers))
+        try:
+            connection = self._engine.raw_connection()
+        except (SQLAlchemyError, self._driver_error) as exc:
+            raise InboxUnavailable(type(exc).__name__) from exc
+        try:
+            cursor = connection.cursor()
+            cursor.execute(self._store_sql, (*values, now, now))
+            stored = cursor.rowcount == 1
+            cursor.close()
+            connection.commit()
+        except self._driver_error as exc:
+            connection.invalidate()
+            raise InboxUnavailable(type(exc).__name__) from exc
+        finally:
+            connection.close()
+        return stored
 
     def forget(self, delivery_id: str) -> None:
         """Delete a delivery the gateway stored but could not queue (it answers 503)."""

@@ -26,7 +26,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from config.logging import bound_delivery
 from config.settings import Settings, load_settings
 from hookline import metrics
-from hookline.inbox import KEPT_HEADERS, Inbox, gateway_engine
+from hookline.inbox import KEPT_HEADERS, Inbox, InboxUnavailable, gateway_engine
 from webhook_gateway.dedup import Deduplicator, DeliveryClaim, RateLimiter, body_digest
 from webhook_gateway.health import bp as health_bp
 from webhook_gateway.signature import is_valid_signature
@@ -222,9 +222,9 @@ def _receive(gateway: Gateway, delivery_id: str) -> tuple[Response, int]:
     }
     try:
         stored = gateway.inbox.store(delivery_id, event, text, headers)
-    except SQLAlchemyError as exc:
+    except InboxUnavailable as exc:
         claim.release()
-        log.error("delivery.inbox_unavailable", extra={"error": type(exc).__name__})
+        log.error("delivery.inbox_unavailable", extra={"error": str(exc)})
         return _refuse(
             503, "inbox_unavailable", "Try again: the database did not answer."
         )
