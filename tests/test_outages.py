@@ -19,21 +19,25 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg2
 import pytest
 import redis
 from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
-from hookline.db import driver_url, session_scope
+from hookline.db import driver_url, engine_for, session_scope
 from hookline.devtools import free_port, send_delivery
 from hookline.fake_github import FakeGitHub
 from hookline.models import Delivery
 from tests.conftest import (
+    ADMIN_DATABASE_URL,
     SECRET,
     Stack,
     fixture_bytes,
     launched,
     migrate,
+    new_database_name,
     wait_until,
 )
 from workers.celery_app import SWEEP_INBOX_TASK, create_celery
@@ -87,6 +91,30 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
         server.kill()
 
 
+@pytest.fixture
+def fresh_database() -> Iterator[str]:
+    """Return a migrated database of the test's own, dropped afterwards.
+
+    The inbox sweep queues every delivery left unclassified; the session's
+    database holds many that other tests' quiet gateways stored on purpose.
+    """
+    name = new_database_name()
+    admin = psycopg2.connect(ADMIN_DATABASE_URL)
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(ADMIN_DATABASE_URL).set(database=name)
+    rendered = url.render_as_string(hide_password=False)
+    try:
+        migrate(rendered)
+        yield rendered
+    finally:
+        engine_for(rendered).dispose()
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+
+
 def comment_on(number: int, text: str = "@openhands fix it") -> bytes:
     payload = json.loads(fixture_bytes("issue_comment.created.json"))
     payload["issue"]["number"] = number
@@ -119,11 +147,13 @@ def test_redis_restarted_empty_under_load_loses_no_accepted_delivery(
     environment: dict[str, str],
     fake_github: FakeGitHub,
     own_redis: OwnRedis,
+    fresh_database: str,
     tmp_path: Path,
 ) -> None:
     fake_github.reset()
     env = {
         **environment,
+        "DATABASE_URL": fresh_database,
         # One Redis for claims, tokens and the broker, as in a small deployment.
         "REDIS_URL": own_redis.url,
         "CELERY_BROKER_URL": own_redis.url,

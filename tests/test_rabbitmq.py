@@ -39,8 +39,9 @@ def test_labeled_issue_is_answered_through_rabbitmq(
             lambda fake: any("finished" in c["body"] for c in fake.comments()),
             timeout=30,
         )
+        # The rocket follows the edit: wait for it before the workers stop.
+        assert fake_github.wait_for(lambda fake: len(fake.reactions()) == 2, timeout=10)
     (comment,) = fake_github.comments()
     assert comment["path"] == "/repos/octo-user/Hello-World/issues/1/comments"
     assert "test agent finished octo-user/Hello-World#1 (issue)" in comment["body"]
-    assert fake_github.wait_for(lambda fake: len(fake.reactions()) == 2, timeout=10)
     assert [r["content"] for r in fake_github.reactions()] == ["eyes", "rocket"]
