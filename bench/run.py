@@ -53,16 +53,19 @@ from config.settings import load_settings
 from hookline.devtools import free_port, generate_app_key
 
 # One database for the broker and the claims, as when CELERY_BROKER_URL is unset;
-# --separate-broker moves the broker to database 9.
-REDIS_URL = "redis://127.0.0.1:6379/8"
-SEPARATE_BROKER_URL = "redis://127.0.0.1:6379/9"
+# --separate-broker moves the broker to database 9. Both are emptied at start and
+# end: two benches at once (or the smoke test beside a bench) need other numbers.
+REDIS_URL = os.environ.get("HOOKLINE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/8")
+SEPARATE_BROKER_URL = os.environ.get(
+    "HOOKLINE_BENCH_BROKER_URL", "redis://127.0.0.1:6379/9"
+)
 ADMIN_DATABASE_URL = os.environ.get(
     "HOOKLINE_BENCH_ADMIN_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 APP_ID = "271828"
 POOLS = ("classify", "conversations", "agent", "callbacks")
 CLASSIFY_QUEUE = "classify"
-WORKDIR = ROOT / "var" / "bench"
+WORKDIR = Path(os.environ.get("HOOKLINE_BENCH_WORKDIR", ROOT / "var" / "bench"))
 MIB = 1024 * 1024
 
 
@@ -173,15 +176,17 @@ def bench_database(kind: str) -> Iterator[tuple[str, str]]:
 
     admin = psycopg2.connect(ADMIN_DATABASE_URL, connect_timeout=5)
     admin.autocommit = True
-    name = f"hookline_bench_{uuid.uuid4().hex[:10]}"
+    # Named by start time: another bench running beside this one keeps its own.
+    name = f"hookline_bench_{int(time.time())}_{uuid.uuid4().hex[:6]}"
     with admin.cursor() as cursor:
         cursor.execute(
             "SELECT datname FROM pg_database WHERE datname LIKE %s",
             ["hookline_bench_%"],
         )
-        for (abandoned,) in cursor.fetchall():
-            with contextlib.suppress(psycopg2.Error):
-                cursor.execute(f'DROP DATABASE "{abandoned}" WITH (FORCE)')
+        for (leftover,) in cursor.fetchall():
+            if _abandoned(leftover):
+                with contextlib.suppress(psycopg2.Error):
+                    cursor.execute(f'DROP DATABASE "{leftover}" WITH (FORCE)')
         cursor.execute(f'CREATE DATABASE "{name}"')
     url = make_url(ADMIN_DATABASE_URL).set(database=name)
     rendered = url.render_as_string(hide_password=False)
@@ -195,6 +200,13 @@ def bench_database(kind: str) -> Iterator[tuple[str, str]]:
         with admin.cursor() as cursor:
             cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+def _abandoned(name: str, older_than: float = 6 * 3600) -> bool:
+    """Whether a bench database was left by a run that started hours ago."""
+    started = name.removeprefix("hookline_bench_").split("_")[0]
+    # Names without a start time come from before it was part of the name.
+    return not started.isdigit() or time.time() - int(started) > older_than
 
 
 def _migrate(database_url: str) -> None:

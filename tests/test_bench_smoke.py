@@ -22,7 +22,11 @@ def run_smoke_bench(out: Path) -> str:
     """Run `python -m bench --smoke`; return its output, or fail with it."""
     env = {
         **os.environ,
+        "HOOKLINE_BENCH_WORKDIR": str(out / "work"),
         "HOOKLINE_BENCH_ADMIN_DATABASE_URL": ADMIN_DATABASE_URL,
+        # Not the databases a bench run by hand empties, so both can run at once.
+        "HOOKLINE_BENCH_REDIS_URL": "redis://127.0.0.1:6379/10",
+        "HOOKLINE_BENCH_BROKER_URL": "redis://127.0.0.1:6379/11",
         "PYTHONUNBUFFERED": "1",
     }
     process = subprocess.Popen(
