@@ -118,6 +118,13 @@ def markdown(results: dict, targets: list[dict[str, object]]) -> str:
     counts = web["delivery_counts"]
     lines += [
         "",
+        *(
+            f"CPU milliseconds per {target} request, measured rounds: "
+            + ", ".join(f"{name} {value}" for name, value in spent.items())
+            + "."
+            for target, spent in web.get("cpu_ms_per_request", {}).items()
+        ),
+        "",
         f"Pipeline: {pipeline['deliveries']} jobs, first request to last comment "
         f"{pipeline['seconds']} s (sending took {pipeline['sending_seconds']} s); "
         f"{noop['chains']} no-op chains of four hops {noop['seconds']} s.",

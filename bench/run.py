@@ -21,7 +21,6 @@ import socket
 import sys
 import time
 import uuid
-import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -330,8 +329,6 @@ def queued_delivery_ids(broker: redis.Redis, queue: str) -> list[str]:
             for raw in broker.lrange(key, offset, offset + 999):
                 message = json.loads(raw)
                 body = base64.b64decode(message["body"])
-                if message["headers"].get("compression"):
-                    body = zlib.decompress(body)
                 ids.append(json.loads(body)[1]["delivery_id"])
         broker.delete(key)
     return ids
@@ -366,15 +363,23 @@ def gateway_phase(
     bare, bare_port = start_gunicorn("bare", "bench.bare_app:app", env, logs)
     rest = {"gateway": gateway.rss(), "bare": bare.rss()}
     targets = {"bare": (bare_port, 200), "gateway": (gateway_port, 202)}
+    trees = {"gateway": gateway, "bare": bare}
     sequence = 0
     rounds = []
     counts = Counter()
+    # CPU milliseconds per answered request, summed over the measured rounds.
+    cpu: dict[str, Counter[str]] = {target: Counter() for target in targets}
+    answered = Counter()
 
-    def run(target: str, requests_cap: int, seconds: float) -> LoadResult:
+    def run(
+        target: str, requests_cap: int, seconds: float, measured: bool = False
+    ) -> LoadResult:
         nonlocal sequence
         port, accepted_status = targets[target]
         offset = sequence
         sequence += requests_cap
+        meter = CpuMeter({target: trees[target]}, {"load_generator": os.getpid()})
+        meter.start()
         result = drive(
             "127.0.0.1",
             port,
@@ -384,6 +389,9 @@ def gateway_phase(
             requests_cap,
             accepted_status,
         )
+        if measured:
+            cpu[target].update(meter.read())
+            answered[target] += result.sent
         if target == "gateway":
             outcome = count_outcome(
                 result.accepted, queued_delivery_ids(broker, CLASSIFY_QUEUE)
@@ -398,7 +406,7 @@ def gateway_phase(
             # Alternate which goes first, so drift in the machine's load cancels.
             order = ["bare", "gateway"] if number % 2 == 0 else ["gateway", "bare"]
             measured = {
-                target: run(target, options.max_requests, options.seconds)
+                target: run(target, options.max_requests, options.seconds, True)
                 for target in order
             }
             rounds.append(
@@ -410,6 +418,13 @@ def gateway_phase(
         bare.process.stop()
     return {
         "rounds": rounds,
+        "cpu_ms_per_request": {
+            target: {
+                name: round(seconds * 1000 / max(answered[target], 1), 3)
+                for name, seconds in spent.items()
+            }
+            for target, spent in cpu.items()
+        },
         "delivery_counts": dict(counts),
         "rss_mb": {"at_rest": rest, "after_run": after},
         "large_body": large,
