@@ -78,6 +78,11 @@ DELIVERIES_REJECTED = Counter(
     "Deliveries refused, by the machine-readable reason of the answer.",
     ["reason"],
 )
+GATEWAY_BATCH_SIZE = Histogram(
+    "hookline_gateway_batch_size",
+    "Deliveries one gateway process claimed, stored and queued together.",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 GATEWAY_REQUEST_SECONDS = Histogram(
     "hookline_gateway_request_duration_seconds",
     "Time the gateway took to answer a request to the webhook route.",

@@ -107,9 +107,19 @@ def _parse(body: str) -> dict | None:
 
 
 @app.task(name=CLASSIFY_TASK, bind=True, base=common.GuardedTask, **common.OUTAGE_RETRY)
-def classify_delivery(self: Task, delivery_id: str, event: str, body: str) -> str:
-    """Decide what a delivery asks for and hand a job to the conversation pool."""
+def classify_delivery(
+    self: Task, delivery_id: str, event: str, body: str | None = None
+) -> str:
+    """Decide what a delivery asks for and hand a job to the conversation pool.
+
+    A large delivery's message carries no body: it is read from the inbox.
+    """
     config = common.settings()
+    if body is None:
+        kept = inbox.stored(config.DATABASE_URL, delivery_id)
+        if kept is None or kept.body is None:
+            return _fail(config, delivery_id, event, {}, "its body is not in the inbox")
+        body = kept.body
     payload = _parse(body)
     if payload is None:
         # The gateway parsed it already; only nesting too deep for this process

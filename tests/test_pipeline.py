@@ -456,3 +456,19 @@ def test_secondary_rate_limit_403_waits_and_posts_once(running: Stack) -> None:
     assert [p.status for p in posts] == [403, 201]
     assert posts[1].received_at - posts[0].received_at >= 1.0
     assert len(running.fake.comments()) == 1
+
+
+def test_a_large_delivery_is_classified_from_the_inbox(running: Stack) -> None:
+    # Over the gateway's by-reference size: its task message carries no body.
+    payload = json.loads(fixture_bytes("issues.labeled.json"))
+    payload["issue"]["body"] = "a long description " * 20_000
+    body = json.dumps(payload).encode()
+    delivery_id = str(uuid.uuid4())
+
+    response = send_delivery(running.gateway_url, SECRET, "issues", body, delivery_id)
+
+    assert len(body) > 256 * 1024
+    assert response.status_code == 202
+    assert verdict_of(running, delivery_id).verdict == "job"
+    assert callback_of(running, delivery_id).status == "posted"
+    assert len(running.fake.comments()) == 1

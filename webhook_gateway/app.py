@@ -13,22 +13,22 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import parse_qs
 
 import redis
 from celery import Celery
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from prometheus_client import CollectorRegistry
-from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config.logging import bound_delivery
 from config.settings import Settings, load_settings
 from hookline import metrics
-from hookline.inbox import KEPT_HEADERS, Inbox, InboxUnavailable, gateway_engine
-from webhook_gateway.dedup import Deduplicator, DeliveryClaim, RateLimiter, body_digest
+from hookline.inbox import KEPT_HEADERS, Inbox, gateway_engine
+from webhook_gateway.dedup import Deduplicator, RateLimiter, body_digest
 from webhook_gateway.health import bp as health_bp
+from webhook_gateway.intake import Arrival, Enqueue, Intake, Outcome
 from webhook_gateway.signature import is_valid_signature
 from workers.celery_app import CLASSIFY_TASK, RedisTaskMessages, create_celery
 
@@ -44,6 +44,10 @@ _INSTALLATION = re.compile(r'"installation":\s*\{\s*"id":\s*(\d{1,19})')
 
 bp = Blueprint("github_events", __name__)
 _READ_CHUNK = 1 << 20
+# A body longer than this is not put in the task message: the classify pool reads
+# it from the inbox. So the gateway holds no second copy of a 25 MB delivery, and
+# a backlog of large ones does not fill the broker.
+BY_REFERENCE_OVER = 256 * 1024
 
 
 @dataclass
@@ -62,6 +66,8 @@ class Gateway:
     metrics_registry: CollectorRegistry | None = None
     # The networks deliveries may come from; empty: any.
     sources: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # Claims, stores and queues verified deliveries in batches (set by create_app).
+    intake: Intake = field(init=False)
 
 
 def _gateway() -> Gateway:
@@ -192,11 +198,14 @@ def _receive(gateway: Gateway, delivery_id: str) -> tuple[Response, int]:
     text = _payload_text(raw, content_type)
     if text is None:
         return _refuse(400, "malformed_payload", "The body is not a JSON object.")
-    # From here on the text is the delivery: a 25 MB body is not held twice.
     digest = body_digest(raw)
-    del raw
     per_installation = gateway.settings.HOOKLINE_INSTALLATION_RATE_LIMIT
     installation = _INSTALLATION.search(text) if per_installation else None
+    # From here on one copy is the delivery: the text, or a large one's bytes.
+    body: str | bytes | bytearray = text
+    if len(raw) > BY_REFERENCE_OVER:
+        body = raw if content_type == "application/json" else text.encode()
+    del raw, text
     if installation is not None:
         refusal = _limit(gateway, "installation", installation[1], per_installation)
         if refusal is not None:
@@ -207,41 +216,23 @@ def _receive(gateway: Gateway, delivery_id: str) -> tuple[Response, int]:
         metrics.DELIVERIES_PING.inc()
         return jsonify(status="pong", delivery=delivery_id), 200
 
-    try:
-        claim = gateway.deduplicator.claim(delivery_id, digest)
-    except redis.RedisError as exc:
-        log.error("delivery.dedup_unavailable", extra={"error": type(exc).__name__})
-        return _refuse(503, "dedup_unavailable", "Try again: Redis did not answer.")
-    if claim is None:
-        return _duplicate(delivery_id)
-
     headers = {
         name: value[:200]
         for name in KEPT_HEADERS
         if (value := request.headers.get(name))
     }
-    try:
-        stored = gateway.inbox.store(delivery_id, event, text, headers)
-    except InboxUnavailable as exc:
-        claim.release()
-        log.error("delivery.inbox_unavailable", extra={"error": str(exc)})
-        return _refuse(
-            503, "inbox_unavailable", "Try again: the database did not answer."
-        )
-    if not stored:
-        # Known to the inbox though Redis forgot it: its claim outlived the TTL.
-        return _duplicate(delivery_id)
-
-    try:
-        _enqueue(gateway, delivery_id, event, text)
-    except Exception as exc:
-        # Nothing half-done: forget the stored row and the claim, so that
-        # GitHub's redelivery of this id gets through.
-        log.error("delivery.enqueue_failed", extra={"error": type(exc).__name__})
-        _undo(gateway, delivery_id, claim)
-        return _refuse(
-            503, "queue_unavailable", "Try again: the broker did not answer."
-        )
+    arrival = Arrival(delivery_id, event, body, digest, headers)
+    del body
+    if gateway.messages is not None:
+        arrival.message = gateway.messages.build(CLASSIFY_TASK, _task_kwargs(arrival))
+    outcome = gateway.intake.take(arrival)
+    del arrival
+    if outcome is Outcome.DUPLICATE:
+        log.info("delivery.duplicate")
+        metrics.DELIVERIES_DUPLICATE.inc()
+        return jsonify(status="duplicate", delivery=delivery_id), 200
+    if outcome is not Outcome.QUEUED:
+        return _refuse(503, outcome.value, _TRY_AGAIN[outcome])
 
     log.info("delivery.accepted", extra={"event": event})
     metrics.DELIVERIES_ACCEPTED.inc()
@@ -281,29 +272,61 @@ def _limit(
     return response, status
 
 
-def _duplicate(delivery_id: str) -> tuple[Response, int]:
-    log.info("delivery.duplicate")
-    metrics.DELIVERIES_DUPLICATE.inc()
-    return jsonify(status="duplicate", delivery=delivery_id), 200
+_TRY_AGAIN = {
+    Outcome.DEDUP_UNAVAILABLE: "Try again: Redis did not answer.",
+    Outcome.INBOX_UNAVAILABLE: "Try again: the database did not answer.",
+    Outcome.QUEUE_UNAVAILABLE: "Try again: the broker did not answer.",
+    Outcome.TIMED_OUT: "Try again: the delivery was not stored in time.",
+}
 
 
-def _enqueue(gateway: Gateway, delivery_id: str, event: str, text: str) -> None:
-    kwargs = {"delivery_id": delivery_id, "event": event, "body": text}
-    if gateway.messages is None:
-        gateway.celery.send_task(CLASSIFY_TASK, kwargs=kwargs)
-        return
-    message = gateway.messages.build(CLASSIFY_TASK, kwargs, large="body")
-    gateway.deduplicator.push(gateway.messages.queue_key(CLASSIFY_TASK), message)
+def _task_kwargs(arrival: Arrival) -> dict[str, str]:
+    kwargs = {"delivery_id": arrival.delivery_id, "event": arrival.event}
+    if isinstance(arrival.body, str):
+        kwargs["body"] = arrival.body
+    # Else the classify pool reads the body from the inbox.
+    return kwargs
 
 
-def _undo(gateway: Gateway, delivery_id: str, claim: DeliveryClaim) -> None:
-    try:
-        gateway.inbox.forget(delivery_id)
-    except SQLAlchemyError as exc:
-        # The row stays `received`: the requeue sweep queues it, and GitHub's
-        # redelivery is then a duplicate. Done once either way.
-        log.error("delivery.forget_failed", extra={"error": type(exc).__name__})
-    claim.release()
+def _enqueuer(gateway: Gateway) -> Enqueue:
+    """Return how the intake queues a batch: one LPUSH, or Celery one by one."""
+    messages = gateway.messages
+    if messages is not None:
+        key = messages.queue_key(CLASSIFY_TASK)
+
+        def push(arrivals: list[Arrival]) -> list[Arrival]:
+            try:
+                gateway.deduplicator.push(key, [a.message for a in arrivals])
+            except redis.RedisError as exc:
+                log.error(
+                    "intake.push_failed",
+                    extra={
+                        "deliveries": [a.delivery_id for a in arrivals],
+                        "error": type(exc).__name__,
+                    },
+                )
+                return arrivals
+            return []
+
+        return push
+
+    def send(arrivals: list[Arrival]) -> list[Arrival]:
+        unsent = []
+        for arrival in arrivals:
+            try:
+                gateway.celery.send_task(CLASSIFY_TASK, kwargs=_task_kwargs(arrival))
+            except Exception as exc:
+                log.error(
+                    "intake.send_failed",
+                    extra={
+                        "deliveries": [arrival.delivery_id],
+                        "error": type(exc).__name__,
+                    },
+                )
+                unsent.append(arrival)
+        return unsent
+
+    return send
 
 
 @bp.get(METRICS_PATH)
@@ -344,7 +367,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app = Flask(__name__)
     # A second guard: Werkzeug refuses to read past this, whatever the framing.
     app.config["MAX_CONTENT_LENGTH"] = settings.HOOKLINE_MAX_BODY_BYTES + 1
-    app.extensions["hookline"] = Gateway(
+    gateway = Gateway(
         settings=settings,
         secrets=secrets,
         deduplicator=Deduplicator(
@@ -369,6 +392,8 @@ def create_app(settings: Settings | None = None) -> Flask:
             *([queue_depths] if queue_depths is not None else [])
         ),
     )
+    gateway.intake = Intake(gateway.deduplicator, gateway.inbox, _enqueuer(gateway))
+    app.extensions["hookline"] = gateway
     if settings.HOOKLINE_TRUSTED_PROXIES:
         # Behind N proxies the client's address is the Nth from the right in
         # X-Forwarded-For; without this, every request seems to come from a proxy.

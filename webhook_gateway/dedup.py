@@ -1,20 +1,17 @@
-"""Replay protection: one Redis round trip claims a delivery id and a body hash.
+"""Replay protection: a delivery claims its id and its body hash in Redis.
 
 The claim is the fast first check; the inbox's unique delivery id is the lasting
-one. When the broker is this same Redis database, the gateway pushes its task
-message here too (`push`, workers.celery_app.RedisTaskMessages).
+one. A batch of deliveries claims in one round trip (webhook_gateway/intake.py).
+When the broker is this same Redis database, the gateway pushes its task
+messages here too (`push`, workers.celery_app.RedisTaskMessages).
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 
 import redis
-
-log = logging.getLogger(__name__)
-
 
 # Claim the delivery id first and the body only for a new id, so that a replayed
 # id never claims a body it did not deliver. 1: claimed; 0: body seen; -1: id seen.
@@ -37,22 +34,6 @@ def body_digest(body: bytes | bytearray) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-class DeliveryClaim:
-    """The keys one accepted delivery holds, so they can be let go if queueing fails."""
-
-    def __init__(self, client: redis.Redis, keys: list[str]) -> None:
-        self._client = client
-        self._keys = keys
-
-    def release(self) -> None:
-        """Forget the delivery so that GitHub's redelivery of it is accepted."""
-        try:
-            self._client.delete(*self._keys)
-        except redis.RedisError as exc:
-            # The keys expire by themselves; until then a redelivery is a duplicate.
-            log.error("delivery.release_failed", extra={"error": type(exc).__name__})
-
-
 class Deduplicator:
     """Claims deliveries in Redis, with the claim script loaded once per process."""
 
@@ -68,24 +49,42 @@ class Deduplicator:
         self._ttls = [delivery_ttl, body_ttl]
         self._prefix = prefix
 
-    def claim(self, delivery_id: str, digest: str) -> DeliveryClaim | None:
-        """Claim a delivery; return None when its id or its body was seen recently.
+    def claim_many(self, deliveries: list[tuple[str, str]]) -> list[list[str] | None]:
+        """Claim (delivery id, body digest) pairs in one round trip, in order.
 
-        `digest` is body_digest(body).
+        Returns, for each, the keys it now holds, or None when its id or its body
+        was seen recently (earlier in the same list included). A digest is
+        body_digest(body).
         """
-        # GitHub sends lowercase GUIDs; case must not make a replay look new.
-        keys = [
-            f"{self._prefix}delivery:{delivery_id.lower()}",
-            f"{self._prefix}body:{digest}",
+        pipe = self._client.pipeline(transaction=False)
+        held = []
+        for delivery_id, digest in deliveries:
+            # GitHub sends lowercase GUIDs; case must not make a replay look new.
+            keys = [
+                f"{self._prefix}delivery:{delivery_id.lower()}",
+                f"{self._prefix}body:{digest}",
+            ]
+            self._claim(keys=keys, args=self._ttls, client=pipe)
+            held.append(keys)
+        answers = pipe.execute()
+        return [
+            keys if answer == 1 else None
+            for keys, answer in zip(held, answers, strict=True)
         ]
-        if self._claim(keys=keys, args=self._ttls) == 1:
-            return DeliveryClaim(self._client, keys)
-        return None
 
-    def push(self, queue_key: str, message: bytes | bytearray) -> None:
-        """Push a task message onto a list of this Redis (it is the broker)."""
+    def release(self, keys: list[str]) -> None:
+        """Forget claims, so that GitHub's redelivery of them is accepted."""
+        if keys:
+            self._client.delete(*keys)
+
+    def push(self, queue_key: str, messages: list[bytes | bytearray]) -> None:
+        """Push task messages onto a list of this Redis (it is the broker), in order.
+
+        Celery takes from the list's right end: pushed left in this order, the
+        first message is the first taken.
+        """
         # redis-py sends a memoryview as it is; a bytearray it refuses.
-        self._client.lpush(queue_key, memoryview(message))
+        self._client.lpush(queue_key, *(memoryview(message) for message in messages))
 
 
 class RateLimiter:

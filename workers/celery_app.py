@@ -7,11 +7,8 @@ workers on the same broker.
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import uuid
-import zlib
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from celery import Celery, Task, signals
@@ -173,19 +170,12 @@ def create_celery(settings: Settings, publisher: bool = False) -> Celery:
     return app
 
 
-# Bodies longer than this are compressed as they are serialized, so the gateway
-# never holds a second and third whole copy of a large delivery (the escaped JSON,
-# then its base64), and the broker holds a fraction of it.
-COMPRESS_BODIES_OVER = 256 * 1024
-_SERIALIZE_CHUNK = 64 * 1024
-
-
 class RedisTaskMessages:
     """Celery task messages exactly as kombu's Redis transport stores them.
 
-    The gateway pushes its classify task from the Lua script that claims the
-    delivery (webhook_gateway/dedup.py): one Redis round trip, where publishing
-    through Celery took two more and 0.75 ms of CPU. The message is Celery's
+    The gateway pushes a batch of classify tasks in one LPUSH on the Redis that
+    holds its claims (webhook_gateway/intake.py), where publishing each through
+    Celery took two more round trips and 0.75 ms of CPU. The message is Celery's
     own (protocol 2, built by `app.amqp`) in kombu's envelope: body JSON, base64.
     A task-sent event is not published; Flower sees the task from `received` on.
     """
@@ -206,14 +196,13 @@ class RedisTaskMessages:
         """Return the Redis list that holds `task`'s queue (priority 0)."""
         return self._prefix + TASK_ROUTES[task]["queue"]
 
-    def build(self, task: str, kwargs: dict[str, str], large: str) -> bytes | bytearray:
-        """Return a message for `task`; kwargs[`large`] may be megabytes long."""
+    def build(self, task: str, kwargs: dict[str, str]) -> bytes:
+        """Return a message for `task` with these keyword arguments."""
         task_id = str(uuid.uuid4())
-        text = kwargs[large]
-        # What send_task shows in Flower, the arguments cut to 1 KB, without
+        # What send_task shows in Flower, each argument cut to 1 KB, without
         # Celery's saferepr: it walks the text in Python, 50 us for 8 KB.
         limit = self._amqp.kwargsrepr_maxsize
-        shown = repr({**kwargs, large: text[:limit]})
+        shown = repr({name: value[:limit] for name, value in kwargs.items()})
         headers, properties, body, _ = self._amqp.as_task_v2(
             task_id,
             task,
@@ -224,10 +213,6 @@ class RedisTaskMessages:
             origin=self._origin,
             ignore_result=None,
         )
-        args, _, embed = body
-        compressed = len(text) > COMPRESS_BODIES_OVER
-        if compressed:
-            headers["compression"] = "application/x-gzip"
         properties.update(
             delivery_mode=2,
             delivery_info={"exchange": "", "routing_key": TASK_ROUTES[task]["queue"]},
@@ -244,47 +229,8 @@ class RedisTaskMessages:
             }
         )[1:].encode()
         # Base64 needs no JSON escaping: spliced in, not scanned by the encoder.
-        if not compressed:
-            encoded = base64.b64encode(json.dumps(body).encode())
-            return b'{"body": "' + encoded + b'", ' + rest
-        message = bytearray(b'{"body": "')
-        _append_base64(message, _compressed_arguments(args, kwargs, large, embed))
-        message += b'", ' + rest
-        return message
-
-
-def _compressed_arguments(
-    args: object, kwargs: dict[str, str], large: str, embed: object
-) -> Iterator[bytes]:
-    """Yield (args, kwargs, embed) as JSON through zlib, `large` in chunks."""
-    others = {name: value for name, value in kwargs.items() if name != large}
-    key = json.dumps(large)
-    # Serialized with an empty string in its place (the last kwarg), then cut there.
-    before, found, after = json.dumps([args, {**others, large: ""}, embed]).rpartition(
-        f'{key}: ""'
-    )
-    if not found:
-        raise ValueError(f"{large!r} did not serialize as an empty string")
-
-    compressor = zlib.compressobj(1)
-    yield compressor.compress(f'{before}{key}: "'.encode())
-    text = kwargs[large]
-    for start in range(0, len(text), _SERIALIZE_CHUNK):
-        escaped = json.dumps(text[start : start + _SERIALIZE_CHUNK])[1:-1]
-        yield compressor.compress(escaped.encode())
-    yield compressor.compress(f'"{after}'.encode())
-    yield compressor.flush()
-
-
-def _append_base64(message: bytearray, pieces: Iterator[bytes]) -> None:
-    """Append the base64 of the pieces' concatenation, never joining them."""
-    carry = b""
-    for piece in pieces:
-        data = carry + piece
-        whole = len(data) - len(data) % 3
-        message += binascii.b2a_base64(data[:whole], newline=False)
-        carry = data[whole:]
-    message += binascii.b2a_base64(carry, newline=False)
+        encoded = base64.b64encode(json.dumps(body).encode())
+        return b'{"body": "' + encoded + b'", ' + rest
 
 
 app = create_celery(load_settings())
