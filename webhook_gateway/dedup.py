@@ -56,21 +56,32 @@ class Deduplicator:
         was seen recently (earlier in the same list included). A digest is
         body_digest(body).
         """
-        pipe = self._client.pipeline(transaction=False)
-        held = []
-        for delivery_id, digest in deliveries:
+        held = [
             # GitHub sends lowercase GUIDs; case must not make a replay look new.
-            keys = [
+            [
                 f"{self._prefix}delivery:{delivery_id.lower()}",
                 f"{self._prefix}body:{digest}",
             ]
-            self._claim(keys=keys, args=self._ttls, client=pipe)
-            held.append(keys)
-        answers = pipe.execute()
+            for delivery_id, digest in deliveries
+        ]
+        try:
+            answers = self._claim_all(held)
+        except redis.exceptions.NoScriptError:
+            # Redis restarted and forgot the script: load it once more.
+            self._client.script_load(_CLAIM)
+            answers = self._claim_all(held)
         return [
             keys if answer == 1 else None
             for keys, answer in zip(held, answers, strict=True)
         ]
+
+    def _claim_all(self, held: list[list[str]]) -> list[object]:
+        # EVALSHA by hand: a pipeline given the Script object asks Redis first
+        # whether it has the script, a round trip more for every batch.
+        pipe = self._client.pipeline(transaction=False)
+        for keys in held:
+            pipe.evalsha(self._claim.sha, len(keys), *keys, *self._ttls)
+        return pipe.execute()
 
     def release(self, keys: list[str]) -> None:
         """Forget claims, so that GitHub's redelivery of them is accepted."""

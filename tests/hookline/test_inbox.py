@@ -97,3 +97,29 @@ def test_a_lost_task_is_classified_after_the_sweep(running: Stack) -> None:
         "failed",
         "its task was lost and its body is past retention",
     )
+
+
+def test_a_batch_holding_a_stored_id_stores_only_the_new_ones(database_url) -> None:
+    store = inbox.Inbox(engine_for(database_url))
+    known, new, large = (str(uuid.uuid4()) for _ in range(3))
+    assert store.store(known, "issue_comment", '{"first": 1}', {})
+
+    stored = store.store_many(
+        [
+            (
+                new,
+                "issue_comment",
+                '{"a": "tab\\there, quote \\" and é"}',
+                {"X-A": "1"},
+            ),
+            (known, "issue_comment", '{"second": 2}', {}),
+            (large, "push", b'{"big": "' + b"x" * 300_000 + b'"}', {}),
+        ]
+    )
+
+    assert stored == {new, large}
+    assert inbox.stored(database_url, known).body == '{"first": 1}'
+    assert (
+        inbox.stored(database_url, new).body == '{"a": "tab\\there, quote \\" and é"}'
+    )
+    assert len(inbox.stored(database_url, large).body) == 300_011

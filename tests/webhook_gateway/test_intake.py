@@ -284,3 +284,17 @@ def test_the_gateway_answers_many_at_once_each_once(client, broker) -> None:
 
     assert answers == dict.fromkeys(ids, 202)
     assert sorted(kwargs["delivery_id"] for kwargs in queued(broker)) == sorted(ids)
+
+
+def test_claims_go_on_after_redis_forgets_the_script(redis_client) -> None:
+    deduplicator = Deduplicator(redis_client, 60, 60, PREFIX)
+    first, second = arrival(), arrival()
+    assert deduplicator.claim_many([(first.delivery_id, first.digest)]) != [None]
+
+    redis_client.script_flush()
+    claimed = deduplicator.claim_many(
+        [(second.delivery_id, second.digest), (first.delivery_id, first.digest)]
+    )
+
+    assert claimed[0] is not None
+    assert claimed[1] is None
