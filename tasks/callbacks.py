@@ -11,7 +11,7 @@ import logging
 import uuid
 
 from celery import Task
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import selectinload
 
 from hookline.db import session_scope
@@ -102,6 +102,12 @@ def _stop_cause(conversation: Conversation) -> str:
 def _load(
     database_url: str, conversation_id: uuid.UUID, turn: int, event: str
 ) -> tuple[Conversation, Turn, Callback]:
+    # Read after the session closes: the turns always, and for a stop notice the
+    # transitions, which name its cause.
+    conversation_loads = selectinload(Callback.conversation)
+    options = [conversation_loads.selectinload(Conversation.turns)]
+    if event == ConversationStatus.STOPPED:
+        options.append(conversation_loads.selectinload(Conversation.transitions))
     with session_scope(database_url) as session:
         callback = session.scalars(
             select(Callback)
@@ -110,29 +116,26 @@ def _load(
                 Callback.turn == turn,
                 Callback.event == event,
             )
-            # Read after the session closes: a stop notice names its cause.
-            .options(
-                selectinload(Callback.conversation).selectinload(
-                    Conversation.transitions
-                ),
-                selectinload(Callback.conversation).selectinload(Conversation.turns),
-            )
+            .options(*options)
         ).one()
         conversation = callback.conversation
-        turn_row = session.scalars(
-            select(Turn).where(Turn.at(conversation_id, turn))
-        ).one()
+        turn_row = next(row for row in conversation.turns if row.number == turn)
         return conversation, turn_row, callback
 
 
 def _record(
     database_url: str, callback_id: int, attempted: bool = False, **values: object
 ) -> None:
+    # One UPDATE: the count goes up in the database, not from a row read first.
+    if attempted:
+        values["attempts"] = Callback.attempts + 1
     with session_scope(database_url) as session:
-        callback = session.get_one(Callback, callback_id)
-        callback.attempts += int(attempted)
-        for name, value in values.items():
-            setattr(callback, name, value)
+        session.execute(
+            update(Callback)
+            .where(Callback.id == callback_id)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
 
 
 def _kind_of(path: str) -> str:
