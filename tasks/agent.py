@@ -17,6 +17,7 @@ from datetime import timedelta
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session
 from tenacity import (
     retry,
     retry_if_exception_type,
@@ -68,6 +69,27 @@ def claim_run(database_url: str, conversation_id: uuid.UUID, lease: int) -> int 
 
     Returns the turn to work on: the earliest one without a reply.
     """
+    with session_scope(database_url) as session:
+        return _claim(session, conversation_id, lease)
+
+
+def claim_and_read(
+    database_url: str, conversation_id: uuid.UUID, lease: int
+) -> tuple[int, Conversation, tuple[Message, ...]] | None:
+    """Claim a run as claim_run does; return its turn, conversation and transcript.
+
+    Read in the claim's own transaction: one round of checkout and commit fewer
+    per run, and what is read is what the claim saw.
+    """
+    with session_scope(database_url) as session:
+        turn_number = _claim(session, conversation_id, lease)
+        if turn_number is None:
+            return None
+        conversation = session.get_one(Conversation, conversation_id)
+        return turn_number, conversation, transcript(conversation, turn_number)
+
+
+def _claim(session: Session, conversation_id: uuid.UUID, lease: int) -> int | None:
     now = utcnow()
     # Each claim is one conditional UPDATE, so two workers cannot both win; trying
     # the two cases apart tells which transition to record.
@@ -81,39 +103,37 @@ def claim_run(database_url: str, conversation_id: uuid.UUID, lease: int) -> int 
             ),
         ),
     ]
-    with session_scope(database_url) as session:
-        for previous, condition in cases:
-            claimed = session.execute(
-                update(Conversation)
-                .where(Conversation.id == conversation_id, condition)
-                .values(
-                    status=ConversationStatus.RUNNING,
-                    lease_expires_at=now + timedelta(seconds=lease),
-                    run_attempts=Conversation.run_attempts + 1,
-                )
-            ).rowcount
-            if not claimed:
-                continue
-            turn = session.scalar(
-                select(func.min(Turn.number)).where(
-                    Turn.conversation_id == conversation_id, Turn.reply.is_(None)
-                )
+    # The turn to work on, picked by the same statement that claims the run.
+    earliest_unanswered = func.coalesce(
+        select(func.min(Turn.number))
+        .where(Turn.conversation_id == conversation_id, Turn.reply.is_(None))
+        .scalar_subquery(),
+        1,
+    )
+    for previous, condition in cases:
+        turn = session.execute(
+            update(Conversation)
+            .where(Conversation.id == conversation_id, condition)
+            .values(
+                status=ConversationStatus.RUNNING,
+                lease_expires_at=now + timedelta(seconds=lease),
+                run_attempts=Conversation.run_attempts + 1,
+                turn=earliest_unanswered,
             )
-            turn = turn or 1
-            session.execute(
-                update(Conversation)
-                .where(Conversation.id == conversation_id)
-                .values(turn=turn)
-            )
-            cause = (
-                f"agent run of turn {turn} started"
-                if previous == ConversationStatus.QUEUED
-                else f"lease lapsed; run of turn {turn} taken over"
-            )
-            lifecycle.record(
-                session, conversation_id, previous, ConversationStatus.RUNNING, cause
-            )
-            return turn
+            .returning(Conversation.turn)
+            .execution_options(synchronize_session=False)
+        ).scalar_one_or_none()
+        if turn is None:
+            continue
+        cause = (
+            f"agent run of turn {turn} started"
+            if previous == ConversationStatus.QUEUED
+            else f"lease lapsed; run of turn {turn} taken over"
+        )
+        lifecycle.record(
+            session, conversation_id, previous, ConversationStatus.RUNNING, cause
+        )
+        return turn
     return None
 
 
@@ -281,14 +301,12 @@ def run_conversation(
 ) -> str | None:
     """Run the agent on a conversation's next turn if no one else is on it."""
     url, lease = config.DATABASE_URL, config.HOOKLINE_LEASE_SECONDS
-    turn_number = claim_run(url, conversation_id, lease)
-    if turn_number is None:
+    claimed = claim_and_read(url, conversation_id, lease)
+    if claimed is None:
         log.info("agent.not_claimed", extra={"conversation": str(conversation_id)})
         return None
 
-    with session_scope(url) as session:
-        conversation = session.get_one(Conversation, conversation_id)
-        messages = transcript(conversation, turn_number)
+    turn_number, conversation, messages = claimed
     summary = None
     if conversation.run_attempts > MAX_RUN_ATTEMPTS:
         outcome = AgentOutcome(
