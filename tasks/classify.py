@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 
 from celery import Task
-from sqlalchemy import select
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
 from config.logging import bind, forwarded
@@ -76,21 +76,22 @@ def record_verdict(
         "verdict": verdict.value,
         "reason": reason,
     }
-    query = select(Delivery).where(Delivery.delivery_id == delivery_id)
+    # The gateway stored the row: one UPDATE, no read first. An INSERT only for a
+    # delivery that came some other way (a redelivery of an old one, a test).
+    update_row = (
+        update(Delivery)
+        .where(Delivery.delivery_id == delivery_id)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
     try:
         with session_scope(database_url) as session:
-            row = session.scalars(query).one_or_none()
-            if row is None:
+            if not session.execute(update_row).rowcount:
                 session.add(Delivery(delivery_id=delivery_id, **values))
-            else:
-                for name, value in values.items():
-                    setattr(row, name, value)
     except IntegrityError:
         # Another attempt at the same delivery inserted it first; update that row.
         with session_scope(database_url) as session:
-            row = session.scalars(query).one()
-            for name, value in values.items():
-                setattr(row, name, value)
+            session.execute(update_row)
 
 
 def _permission_of(trigger: Trigger) -> str:
