@@ -323,10 +323,11 @@ def ensure_status_comment(
 ) -> None:
     """Post the turn's "working on it" comment once; its result will replace it."""
     with session_scope(database_url) as session:
-        turn = session.scalars(
-            select(Turn).where(Turn.at(stored.conversation_id, stored.turn))
+        turn, conversation = session.execute(
+            select(Turn, Conversation)
+            .join(Turn.conversation)
+            .where(Turn.at(stored.conversation_id, stored.turn))
         ).one()
-        conversation = turn.conversation
         if turn.status_comment_id is not None or turn.reply is not None:
             return
         attempted = turn.status_comment_path is not None
