@@ -2,8 +2,10 @@
 
 Everything runs on 127.0.0.1: two gunicorns (the gateway and bare Flask, one
 configuration), the Procfile's worker pools, the same pools' flags on four no-op
-tasks, the fake GitHub, Redis databases 8 (broker) and 9 (dedup keys, tokens),
-and a PostgreSQL database created and dropped here (or SQLite).
+tasks, the fake GitHub, and a PostgreSQL database created and dropped here (or
+SQLite). Redis database 8 holds the broker, claims and tokens, 9 the broker with
+--separate-broker; both are EMPTIED at start and end. HOOKLINE_BENCH_REDIS_URL and
+HOOKLINE_BENCH_BROKER_URL name others.
 """
 
 from __future__ import annotations

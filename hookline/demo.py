@@ -166,7 +166,7 @@ def run(deliveries: Path, timeout: float) -> int:
     # interrupted demo left in Redis can reach this run, and nothing else is touched.
     prefix = f"hookline-demo-{uuid.uuid4().hex[:8]}:"
 
-    workdir = ROOT / "var" / "demo"
+    workdir = Path(os.environ.get("HOOKLINE_DEMO_DIR", ROOT / "var" / "demo"))
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     key_path, public_key = generate_app_key(workdir)
@@ -307,6 +307,10 @@ def _send_all(
     print(
         f"\n{len(sent) - failures}/{len(sent)} deliveries got the expected outcome; "
         f"fake GitHub received {len(comments)} comments and {len(reactions)} reactions."
+    )
+    print(
+        "\nThe whole story of one delivery, from its verdict to every GitHub call:\n"
+        f"  DATABASE_URL={database_url} .venv/bin/hookline explain DELIVERY_ID"
     )
     return 1 if failures else 0
 

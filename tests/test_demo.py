@@ -5,16 +5,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import ROOT
 
 
-def test_demo_gives_every_recorded_delivery_its_outcome() -> None:
+def test_demo_gives_every_recorded_delivery_its_outcome(tmp_path: Path) -> None:
     env = {
         name: value
         for name, value in os.environ.items()
         if name not in {"DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL"}
     }
+    # Not var/demo/: a demo run by hand keeps its database for `hookline explain`.
+    env["HOOKLINE_DEMO_DIR"] = str(tmp_path / "demo")
     finished = subprocess.run(
         [sys.executable, "-m", "hookline.demo", "--timeout", "60"],
         cwd=ROOT,
@@ -34,3 +37,4 @@ def test_demo_gives_every_recorded_delivery_its_outcome() -> None:
     assert "HTTP 200 duplicate" in finished.stdout
     assert "HTTP 403 bad_signature" in finished.stdout
     assert "FAIL" not in finished.stdout
+    assert f"DATABASE_URL=sqlite:///{tmp_path}/demo/hookline.sqlite3" in finished.stdout
