@@ -25,6 +25,7 @@ from typing import Any
 
 import requests
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -408,6 +409,19 @@ def _print_trace(trace: dict[str, Any]) -> None:
         )
 
 
+def _require_database(database_url: str) -> None:
+    """Refuse a SQLite file that does not exist: opening it would make an empty one."""
+    url = make_url(database_url)
+    path = url.database or ""
+    on_disk = url.get_backend_name() == "sqlite" and path not in {"", ":memory:"}
+    if on_disk and not Path(path).exists():
+        raise CommandError(
+            f"there is no database at {path}: set DATABASE_URL "
+            "(the demo prints its own at the end)",
+            USAGE,
+        )
+
+
 def _database_trouble(exc: SQLAlchemyError) -> str:
     text = str(exc)
     if "no such table" in text or "does not exist" in text:
@@ -492,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings()
+        if args.command != "send":
+            _require_database(settings.DATABASE_URL)
         result: Any = {
             "send": _send,
             "deliveries": _deliveries,

@@ -137,12 +137,22 @@ def test_services_that_do_not_answer_give_exit_3_and_a_sentence(
 
 
 def test_a_database_without_tables_says_to_migrate(running: Stack, tmp_path) -> None:
+    (tmp_path / "empty.sqlite3").touch()
     empty = hookline(
         running, "deliveries", DATABASE_URL=f"sqlite:///{tmp_path / 'empty.sqlite3'}"
     )
 
     assert empty.returncode == 3
     assert "has no Hookline tables yet: run `alembic upgrade head`" in empty.stderr
+
+
+def test_a_sqlite_file_that_is_not_there_is_not_made(running: Stack, tmp_path) -> None:
+    missing = tmp_path / "hookline.sqlite3"
+    answer = hookline(running, "explain", "an-id", DATABASE_URL=f"sqlite:///{missing}")
+
+    assert answer.returncode == 2
+    assert f"there is no database at {missing}" in answer.stderr
+    assert not missing.exists()
 
 
 def test_stop_ends_an_open_conversation_once(running: Stack, environment) -> None:
