@@ -56,6 +56,12 @@ def gateway_engine(database_url: str, connections: int) -> Engine:
         connect_args={
             "connect_timeout": 2,
             "options": "-c statement_timeout=2000 -c lock_timeout=1000",
+            # A server gone without a word (a NAT that dropped the connection)
+            # is noticed in seconds, not at the system's TCP defaults.
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 2,
+            "tcp_user_timeout": 5000,
         },
     )
 
@@ -144,6 +150,23 @@ class Inbox:
         statement = _COLUMNS + ", ".join([self._row] * len(rows)) + _ON_CONFLICT
         cursor.execute(statement, values)
         return {stored[0] for stored in cursor.fetchall()}
+
+    def known(self, delivery_ids: list[str]) -> set[str]:
+        """Return which of these delivery ids the inbox holds.
+
+        Raises InboxUnavailable when the database does not answer.
+        """
+        markers = ", ".join([self._marker] * len(delivery_ids))
+        # Only placeholders are joined in; the ids are parameters.
+        statement = (
+            f"SELECT delivery_id FROM deliveries WHERE delivery_id IN ({markers})"  # noqa: S608
+        )
+
+        def select(cursor: Any) -> set[str]:
+            cursor.execute(statement, delivery_ids)
+            return {row[0] for row in cursor.fetchall()}
+
+        return self._run(select)
 
     def forget(self, delivery_ids: list[str]) -> None:
         """Delete deliveries the gateway stored but could not queue (it answers 503).
@@ -271,17 +294,28 @@ class Stored:
     body: str | None
 
 
-def unclassified(database_url: str, older_than: float, limit: int) -> list[Stored]:
+@dataclass(frozen=True)
+class Unclassified:
+    """A delivery still waiting for its verdict; its body stays in the inbox."""
+
+    delivery_id: str
+    event: str
+    has_body: bool
+
+
+def unclassified(
+    database_url: str, older_than: float, limit: int
+) -> list[Unclassified]:
     """Return deliveries still `received` after `older_than` seconds, oldest first."""
     before = utcnow() - timedelta(seconds=older_than)
     query = (
-        select(Delivery.delivery_id, Delivery.event, Delivery.body)
+        select(Delivery.delivery_id, Delivery.event, Delivery.body.is_not(None))
         .where(Delivery.verdict == Verdict.RECEIVED.value, Delivery.created_at < before)
         .order_by(Delivery.id)
         .limit(limit)
     )
     with session_scope(database_url) as session:
-        return [Stored(*row) for row in session.execute(query)]
+        return [Unclassified(*row) for row in session.execute(query)]
 
 
 def stored(database_url: str, delivery_id: str) -> Stored | None:

@@ -142,7 +142,9 @@ def receive_delivery() -> tuple[Response, int]:
     started = time.perf_counter()
     metrics.DELIVERIES_RECEIVED.inc()
     gateway = _gateway()
-    delivery_id = request.headers.get("X-GitHub-Delivery", "")
+    # A GUID, compared without case: GitHub sends it in lowercase, and so it is
+    # stored, so that the inbox's unique key agrees with the Redis claim.
+    delivery_id = request.headers.get("X-GitHub-Delivery", "").lower()
     bound_id = delivery_id if _DELIVERY_ID.fullmatch(delivery_id) else "-"
     event = request.headers.get("X-GitHub-Event", "")
     # The installation is in the body, which the gateway checks but never builds.

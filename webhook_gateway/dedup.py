@@ -8,6 +8,7 @@ messages here too (`push`, workers.celery_app.RedisTaskMessages).
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import time
 
@@ -34,6 +35,14 @@ def body_digest(body: bytes | bytearray) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+class Claim(enum.IntEnum):
+    """What the claim script answers for one delivery."""
+
+    NEW = 1
+    BODY_SEEN = 0
+    ID_SEEN = -1
+
+
 class Deduplicator:
     """Claims deliveries in Redis, with the claim script loaded once per process."""
 
@@ -49,12 +58,14 @@ class Deduplicator:
         self._ttls = [delivery_ttl, body_ttl]
         self._prefix = prefix
 
-    def claim_many(self, deliveries: list[tuple[str, str]]) -> list[list[str] | None]:
+    def claim_many(
+        self, deliveries: list[tuple[str, str]]
+    ) -> list[tuple[Claim, list[str]]]:
         """Claim (delivery id, body digest) pairs in one round trip, in order.
 
-        Returns, for each, the keys it now holds, or None when its id or its body
-        was seen recently (earlier in the same list included). A digest is
-        body_digest(body).
+        Returns, for each, what Redis remembered (earlier in the same list
+        included) and the keys the delivery now holds (none unless NEW). A
+        digest is body_digest(body).
         """
         held = [
             # GitHub sends lowercase GUIDs; case must not make a replay look new.
@@ -71,7 +82,7 @@ class Deduplicator:
             self._client.script_load(_CLAIM)
             answers = self._claim_all(held)
         return [
-            keys if answer == 1 else None
+            (Claim(answer), keys if answer == Claim.NEW else [])
             for keys, answer in zip(held, answers, strict=True)
         ]
 

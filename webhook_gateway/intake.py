@@ -9,7 +9,8 @@ at once and a burst shares three round trips and one WAL flush.
 
 Each step fails for its whole batch, and undoes what the batch did before it:
 a delivery answered 503 leaves neither its claim nor its row, so GitHub's
-redelivery of it is taken.
+redelivery of it is taken. (A claim Redis ran after the gateway stopped waiting
+can stay; the inbox, not Redis, then decides whether an id was stored.)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import enum
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,14 +28,19 @@ import redis
 
 from hookline import metrics
 from hookline.inbox import Body, Inbox, InboxUnavailable
-from webhook_gateway.dedup import Deduplicator
+from webhook_gateway.dedup import Claim, Deduplicator
 
 log = logging.getLogger(__name__)
 
-# GitHub gives up at 10 s. Every step below gives up within about two seconds on
-# its own (socket, pool and statement timeouts), so this is only the backstop.
+# GitHub gives up at 10 s. Each step below gives up within about two seconds on
+# its own (socket, pool and statement timeouts) unless a connection hangs without
+# closing; this is the backstop.
 WAIT_SECONDS = 9.0
 MAX_BATCH = 64
+# A batch running this long is stuck: another thread takes the deliveries after
+# it, up to MAX_THREADS in all (a stuck thread takes its batch up again later).
+STUCK_SECONDS = 3.0
+MAX_THREADS = 4
 
 
 class Outcome(enum.Enum):
@@ -78,15 +85,17 @@ class Intake:
         deduplicator: Deduplicator,
         inbox: Inbox,
         enqueue: Enqueue,
-        threads: int = 1,
+        stuck_after: float = STUCK_SECONDS,
     ) -> None:
         self._deduplicator = deduplicator
         self._inbox = inbox
         self._enqueue = enqueue
+        self._stuck_after = stuck_after
         self._waiting: deque[Arrival] = deque()
         self._ready = threading.Condition()
-        self._count = threads
         self._threads: list[threading.Thread] = []
+        # When each thread took the batch it is on (by thread id); 0: waiting.
+        self._busy_since: dict[int, float] = {}
         self._pid = 0
 
     def take(self, arrival: Arrival, wait: float = WAIT_SECONDS) -> Outcome:
@@ -95,6 +104,7 @@ class Intake:
             self._start()
             self._waiting.append(arrival)
             self._ready.notify()
+            self._unless_stuck()
         if arrival._done.wait(wait):
             assert arrival.outcome is not None
             return arrival.outcome
@@ -108,23 +118,46 @@ class Intake:
     def _start(self) -> None:
         # gunicorn forks its workers after the app is built: a thread started in
         # the master does not exist in them, so each process starts its own.
-        if self._pid == os.getpid() and all(t.is_alive() for t in self._threads):
-            return
-        self._pid = os.getpid()
-        self._threads = [
-            threading.Thread(target=self._run, name=f"hookline-intake-{n}", daemon=True)
-            for n in range(self._count)
-        ]
-        for thread in self._threads:
-            thread.start()
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._threads, self._busy_since = [], {}
+        if not any(thread.is_alive() for thread in self._threads):
+            self._add_thread()
+
+    def _unless_stuck(self) -> None:
+        """Add a thread when every one has been on its batch too long.
+
+        A connection that stops answering without closing (a proxy or a NAT
+        that hangs) holds its batch until TCP gives up: minutes. Its deliveries
+        are answered timed_out at WAIT_SECONDS; later ones go to a new thread,
+        with a connection of its own.
+        """
+        now = time.monotonic()
+        stuck = all(
+            0 < self._busy_since.get(thread.ident or 0, 0) < now - self._stuck_after
+            for thread in self._threads
+        )
+        if stuck and len(self._threads) < MAX_THREADS:
+            log.error("intake.stuck", extra={"threads": len(self._threads)})
+            self._add_thread()
+
+    def _add_thread(self) -> None:
+        thread = threading.Thread(
+            target=self._run, name=f"hookline-intake-{len(self._threads)}", daemon=True
+        )
+        self._threads.append(thread)
+        thread.start()
 
     def _run(self) -> None:
+        me = threading.get_ident()
         while True:
             with self._ready:
+                self._busy_since[me] = 0
                 while not self._waiting:
                     self._ready.wait()
                 count = min(len(self._waiting), MAX_BATCH)
                 batch = [self._waiting.popleft() for _ in range(count)]
+                self._busy_since[me] = time.monotonic()
             try:
                 self._handle(batch)
             except Exception:
@@ -150,13 +183,17 @@ class Intake:
             self._failed(batch, "dedup", exc)
             self._settle(batch, Outcome.DEDUP_UNAVAILABLE)
             return
-        fresh = []
-        for arrival, keys in zip(batch, claimed, strict=True):
-            if keys is None:
-                arrival.outcome = Outcome.DUPLICATE
-            else:
+        fresh, id_seen = [], []
+        for arrival, (claim, keys) in zip(batch, claimed, strict=True):
+            if claim is Claim.NEW:
                 arrival.claim_keys = keys
                 fresh.append(arrival)
+            elif claim is Claim.ID_SEEN:
+                id_seen.append(arrival)
+            else:
+                arrival.outcome = Outcome.DUPLICATE
+        if id_seen:
+            fresh += self._not_stored(id_seen)
         if not fresh:
             return
 
@@ -172,6 +209,8 @@ class Intake:
         stored = []
         for arrival in fresh:
             if arrival.delivery_id in stored_ids:
+                # Rows go in in order: an id twice in a batch is the first one's.
+                stored_ids.discard(arrival.delivery_id)
                 stored.append(arrival)
             else:
                 # Known to the inbox though Redis forgot it: the claim outlived its
@@ -185,6 +224,27 @@ class Intake:
             self._undo(unqueued)
             self._settle(unqueued, Outcome.QUEUE_UNAVAILABLE)
         self._settle([a for a in stored if a.outcome is None], Outcome.QUEUED)
+
+    def _not_stored(self, arrivals: list[Arrival]) -> list[Arrival]:
+        """Return the arrivals Redis remembers by id but the inbox does not hold.
+
+        A claim can outlive an attempt answered 503 (Redis ran the claim after
+        the gateway stopped waiting for it): the inbox decides, so GitHub's
+        redelivery of that id is stored, not turned away as a duplicate.
+        """
+        try:
+            known = self._inbox.known([arrival.delivery_id for arrival in arrivals])
+        except InboxUnavailable as exc:
+            self._failed(arrivals, "inbox", exc)
+            self._settle(arrivals, Outcome.INBOX_UNAVAILABLE)
+            return []
+        unknown = []
+        for arrival in arrivals:
+            if arrival.delivery_id in known:
+                arrival.outcome = Outcome.DUPLICATE
+            else:
+                unknown.append(arrival)
+        return unknown
 
     def _undo(self, arrivals: list[Arrival]) -> None:
         try:

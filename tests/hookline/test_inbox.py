@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import timedelta
 
@@ -13,7 +14,7 @@ from hookline.db import engine_for, session_scope
 from hookline.models import Delivery, utcnow
 from tests.conftest import Stack, fixture_bytes
 from tests.test_pipeline import verdict_of
-from workers.celery_app import SWEEP_INBOX_TASK, create_celery
+from workers.celery_app import CLASSIFY_TASK, SWEEP_INBOX_TASK, create_celery
 
 
 def received(database_url: str, body: str | None = "{}", age: float = 0) -> str:
@@ -123,3 +124,24 @@ def test_a_batch_holding_a_stored_id_stores_only_the_new_ones(database_url) -> N
         inbox.stored(database_url, new).body == '{"a": "tab\\there, quote \\" and é"}'
     )
     assert len(inbox.stored(database_url, large).body) == 300_011
+
+
+def test_a_message_for_a_delivery_the_inbox_forgot_records_nothing(
+    running: Stack,
+) -> None:
+    # The gateway answered 503 and forgot the row, but its by-reference push
+    # reached the broker: the id must stay free for GitHub's redelivery.
+    delivery_id = str(uuid.uuid4())
+    create_celery(running.settings).send_task(
+        CLASSIFY_TASK, kwargs={"delivery_id": delivery_id, "event": "issues"}
+    )
+
+    deadline = time.monotonic() + 30
+    while not any(
+        record.get("message") == "delivery.not_in_inbox"
+        and record.get("delivery") == delivery_id
+        for record in running.log_records()
+    ):
+        assert time.monotonic() < deadline, "classify never took the message"
+        time.sleep(0.2)
+    assert inbox.stored(running.settings.DATABASE_URL, delivery_id) is None

@@ -22,7 +22,7 @@ from tests.conftest import PREFIX, SECRET, fixture_bytes
 from tests.webhook_gateway.conftest import gateway, queued
 from tests.webhook_gateway.test_app import post
 from webhook_gateway.app import BY_REFERENCE_OVER
-from webhook_gateway.dedup import Deduplicator, body_digest
+from webhook_gateway.dedup import Claim, Deduplicator, body_digest
 from webhook_gateway.intake import Arrival, Intake, Outcome
 from webhook_gateway.signature import sign
 
@@ -38,7 +38,9 @@ class HeldDeduplicator(Deduplicator):
         self.release_first = threading.Event()
         self.batches: list[int] = []
 
-    def claim_many(self, deliveries: list[tuple[str, str]]) -> list[list[str] | None]:
+    def claim_many(
+        self, deliveries: list[tuple[str, str]]
+    ) -> list[tuple[Claim, list[str]]]:
         self.batches.append(len(deliveries))
         if len(self.batches) == 1:
             self.entered.set()
@@ -123,8 +125,9 @@ def test_a_replay_inside_one_batch_is_queued_once(redis_client, database_url) ->
         Inbox(gateway_engine(database_url, 2)),
         lambda arrivals: pushed.extend(a.delivery_id for a in arrivals) or [],
     )
+    # Ids arrive here in lowercase (the gateway lowers them; test_app.py checks).
     original = arrival()
-    replayed = arrival(original.delivery_id.upper(), original.body)
+    replayed = arrival(original.delivery_id, original.body)
     same_body = arrival(body=original.body)
 
     intake._handle([original, replayed, same_body])
@@ -147,7 +150,7 @@ def test_a_batch_the_database_refuses_leaves_no_claim(redis_client) -> None:
 
     assert [a.outcome for a in batch] == [Outcome.INBOX_UNAVAILABLE] * 2
     again = deduplicator.claim_many([(a.delivery_id, a.digest) for a in batch])
-    assert all(keys is not None for keys in again)
+    assert [claim for claim, _ in again] == [Claim.NEW, Claim.NEW]
 
 
 def test_a_batch_the_broker_refuses_leaves_no_row_and_no_claim(
@@ -165,7 +168,7 @@ def test_a_batch_the_broker_refuses_leaves_no_row_and_no_claim(
     assert [a.outcome for a in batch] == [Outcome.QUEUE_UNAVAILABLE] * 2
     assert stored_ids(database_url, ids) == set()
     again = deduplicator.claim_many([(a.delivery_id, a.digest) for a in batch])
-    assert all(keys is not None for keys in again)
+    assert [claim for claim, _ in again] == [Claim.NEW, Claim.NEW]
 
 
 def test_a_delivery_never_taken_in_time_is_dropped_from_the_wait(
@@ -289,12 +292,56 @@ def test_the_gateway_answers_many_at_once_each_once(client, broker) -> None:
 def test_claims_go_on_after_redis_forgets_the_script(redis_client) -> None:
     deduplicator = Deduplicator(redis_client, 60, 60, PREFIX)
     first, second = arrival(), arrival()
-    assert deduplicator.claim_many([(first.delivery_id, first.digest)]) != [None]
+    ((claim, _),) = deduplicator.claim_many([(first.delivery_id, first.digest)])
+    assert claim is Claim.NEW
 
     redis_client.script_flush()
     claimed = deduplicator.claim_many(
         [(second.delivery_id, second.digest), (first.delivery_id, first.digest)]
     )
 
-    assert claimed[0] is not None
-    assert claimed[1] is None
+    assert [claim for claim, _ in claimed] == [Claim.NEW, Claim.ID_SEEN]
+
+
+def test_a_claim_left_by_a_refused_attempt_does_not_refuse_the_redelivery(
+    client, broker, redis_client, database_url
+) -> None:
+    # Redis ran an attempt's claim after the gateway had stopped waiting for it
+    # and answered 503: the claim is there, the row is not.
+    body = json.dumps({"hookline_test": str(uuid.uuid4())}).encode()
+    delivery_id = str(uuid.uuid4())
+    left = Deduplicator(redis_client, 60, 60, PREFIX)
+    left.claim_many([(delivery_id, body_digest(body))])
+
+    redelivered = post(client, body, delivery_id=delivery_id)
+    replayed = post(client, body, delivery_id=delivery_id.upper())
+
+    assert redelivered.status_code == 202
+    assert replayed.json["status"] == "duplicate"
+    assert [kwargs["delivery_id"] for kwargs in queued(broker)] == [delivery_id]
+    assert inbox.stored(database_url, delivery_id) is not None
+
+
+def test_a_stuck_batch_does_not_hold_the_deliveries_after_it(
+    held, database_url
+) -> None:
+    pushed: list[str] = []
+    intake = Intake(
+        held,
+        Inbox(gateway_engine(database_url, 2)),
+        lambda arrivals: pushed.extend(a.delivery_id for a in arrivals) or [],
+        stuck_after=0.2,
+    )
+    stuck, later = arrival(), arrival()
+    _, threads = take_all(intake, [stuck])
+    assert held.entered.wait(10)
+    threading.Event().wait(0.4)
+
+    outcome = intake.take(later, wait=5)
+    held.release_first.set()
+    for thread in threads:
+        thread.join(10)
+
+    assert outcome is Outcome.QUEUED
+    assert stuck.outcome is Outcome.QUEUED
+    assert pushed == [later.delivery_id, stuck.delivery_id]
