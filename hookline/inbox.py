@@ -186,22 +186,40 @@ class Inbox:
         )
 
     def _run(self, work: Callable[[Any], T]) -> T:
-        """Run `work(cursor)` in one transaction on a pooled driver connection."""
-        try:
-            connection = self._engine.raw_connection()
-        except (SQLAlchemyError, self._driver_error) as exc:
-            raise InboxUnavailable(str(exc) or type(exc).__name__) from exc
-        try:
-            cursor = connection.cursor()
-            result = work(cursor)
-            cursor.close()
-            connection.commit()
-        except self._driver_error as exc:
-            connection.invalidate()
-            raise InboxUnavailable(str(exc) or type(exc).__name__) from exc
-        finally:
-            connection.close()
-        return result
+        """Run `work(cursor)` in one transaction on a pooled driver connection.
+
+        A pooled connection the server had already closed (a restart, an idle
+        timeout, a terminated backend) fails before anything is written: the
+        work is done once more on a new connection. A failure during the commit
+        is not retried: the rows may be there.
+        """
+        for attempt in (1, 2):
+            try:
+                connection = self._engine.raw_connection()
+            except (SQLAlchemyError, self._driver_error) as exc:
+                raise InboxUnavailable(str(exc) or type(exc).__name__) from exc
+            committing = False
+            try:
+                cursor = connection.cursor()
+                result = work(cursor)
+                cursor.close()
+                committing = True
+                connection.commit()
+                return result
+            except self._driver_error as exc:
+                stale = not committing and _lost(connection)
+                connection.invalidate()
+                if not stale or attempt == 2:
+                    raise InboxUnavailable(str(exc) or type(exc).__name__) from exc
+                log.warning("inbox.stale_connection", extra={"error": str(exc)[:200]})
+            finally:
+                connection.close()
+        raise AssertionError("unreachable")
+
+
+def _lost(connection: Any) -> bool:
+    """Whether psycopg2 found its connection gone (sqlite3 never says so)."""
+    return bool(getattr(connection.dbapi_connection, "closed", 0))
 
 
 # COPY's binary format (PostgreSQL's "COPY" page): a signature, flags and an

@@ -145,3 +145,20 @@ def test_a_message_for_a_delivery_the_inbox_forgot_records_nothing(
         assert time.monotonic() < deadline, "classify never took the message"
         time.sleep(0.2)
     assert inbox.stored(running.settings.DATABASE_URL, delivery_id) is None
+
+
+def test_a_connection_the_server_closed_is_replaced_not_refused(database_url) -> None:
+    from hookline.inbox import gateway_engine
+
+    engine = gateway_engine(database_url, 1)
+    store = inbox.Inbox(engine)
+    assert store.store(str(uuid.uuid4()), "issue_comment", "{}", {})
+    with engine.connect() as connection:
+        pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    with engine_for(database_url).connect() as admin:
+        admin.exec_driver_sql(f"SELECT pg_terminate_backend({int(pid)})")
+
+    delivery_id = str(uuid.uuid4())
+
+    assert store.store(delivery_id, "issue_comment", '{"after": 1}', {})
+    assert inbox.stored(database_url, delivery_id).body == '{"after": 1}'
